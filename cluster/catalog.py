@@ -1,0 +1,150 @@
+"""The model catalog: the one user-facing config schema for models and devices.
+
+Operators edit ``ray_configs/models.yaml``; it is validated here at load time,
+and a bad file fails with the offending field named (pydantic's error path,
+e.g. ``models.2.slo.ttft_s``). Internal code passes these objects around
+read-only; the policies get plain dataclass views built from them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class CatalogError(ValueError):
+    """A catalog file that cannot be used; the message names the field."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos in operator-edited YAML: refuse them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SLO(_Strict):
+    ttft_s: float = Field(10.0, gt=0, description="time-to-first-token target")
+    tpot_s: float = Field(0.1, gt=0, description="time-per-output-token target")
+
+
+class ModelSpec(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    path: str = Field(min_length=1, description="local HF checkpoint directory")
+    # Models of one family share shapes and tokenizer, so the engine worker
+    # can swap one into another's engine in place (verified before swapping).
+    family: str = Field(min_length=1)
+    param_count: int = Field(0, ge=0, description="0 = read from the checkpoint")
+    weights_bytes: int = Field(0, ge=0, description="0 = size of the safetensors files")
+    # KV-cache memory this model reserves on a device while resident.
+    kv_cache_bytes: int = Field(256 * 2**20, gt=0)
+    max_model_len: int = Field(512, gt=0)
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    slo: SLO = Field(default_factory=SLO)
+    # Empty = any. Vendor names are lowercase ("nvidia", "amd", "huawei",
+    # "intel", "cpu"); accelerator types use Ray's strings ("H100", ...).
+    allowed_vendors: list[str] = Field(default_factory=list)
+    allowed_accelerators: list[str] = Field(default_factory=list)
+    min_replicas: int = Field(0, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    pinned: bool = Field(False, description="never evicted or migrated by policy")
+
+    @field_validator("allowed_vendors")
+    @classmethod
+    def _lower_vendors(cls, v: list[str]) -> list[str]:
+        return [x.lower() for x in v]
+
+    @model_validator(mode="after")
+    def _replicas_ordered(self) -> "ModelSpec":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+    def resolved(self, base_dir: Path | None = None) -> "ModelSpec":
+        """Fill the sizes from the checkpoint on disk (weights, params)."""
+        path = Path(self.path)
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        update: dict[str, Any] = {"path": str(path)}
+        if self.weights_bytes == 0 and path.is_dir():
+            update["weights_bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        if self.param_count == 0 and (path / "config.json").exists():
+            update["param_count"] = _param_count_from_safetensors(path)
+        return self.model_copy(update=update)
+
+
+class CPUDevice(_Strict):
+    """A CPU "device": a declared slice of host memory that engines may use."""
+
+    id: str = Field(min_length=1)
+    memory_bytes: int = Field(gt=0)
+    node: str | None = Field(None, description="Ray node id or IP; None = head")
+
+
+class Catalog(_Strict):
+    models: list[ModelSpec] = Field(default_factory=list)
+    cpu_devices: list[CPUDevice] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Catalog":
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate model name(s): {dup}")
+        return self
+
+    def model(self, name: str) -> ModelSpec:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+def _param_count_from_safetensors(path: Path) -> int:
+    """Count parameters from safetensors headers without loading tensors."""
+    total = 0
+    for f in sorted(path.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(header_len))
+        for key, meta in header.items():
+            if key == "__metadata__":
+                continue
+            n = 1
+            for d in meta["shape"]:
+                n *= d
+            total += n
+    return total
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid catalog {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_catalog(source: str | Path | dict) -> Catalog:
+    """Load and validate a catalog from a YAML path or a dict.
+
+    Relative model paths resolve against the YAML file's directory.
+    Raises CatalogError naming every bad field.
+    """
+    base: Path | None = None
+    if isinstance(source, dict):
+        raw, where = source, "<dict>"
+    else:
+        p = Path(source)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise CatalogError(f"cannot read catalog {p}: {e}") from e
+        base, where = p.parent, str(p)
+    try:
+        cat = Catalog.model_validate(raw)
+    except ValidationError as e:
+        raise CatalogError(format_validation_error(e, where)) from None
+    return cat.model_copy(update={"models": [m.resolved(base) for m in cat.models]})

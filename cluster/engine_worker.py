@@ -1,0 +1,351 @@
+"""The engine worker: one Ray actor per device, serving several models on it.
+
+It owns the device's engine shells (vLLM engines), a registry of the models
+resident on the device, the device memory accounting and a host-memory
+weight cache. The placement controller tells it what to load, swap, park and
+unload; the front door streams requests through ``generate``.
+
+Model states::
+
+    loading --> active <--> parked
+       |          |           |
+       +------> unloading <---+   (then gone)
+
+- active: the model's weights are in a shell and it serves requests.
+- parked: the weights are only in the host cache (CPU), or the shell sleeps
+  (GPU sleep mode). Waking is a swap or ``wake_up``, never a disk read.
+
+Fault-tolerance contract: every control method either completes or leaves
+the registry and the memory accounting as they were before the call (a
+failed engine start releases its reservation and forgets the model). Control
+methods are serialized by one lock; generation is not, so models keep
+streaming while another model loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.catalog import ModelSpec
+from cluster.checkpoint import CheckpointInfo, read_checkpoint
+from cluster.device import DeviceMemory, DeviceSpec, sleep_mode_supported
+from cluster.engine_shell import EngineShell
+from cluster.errors import (IncompatibleModelError, ModelBusyError, ModelNotActiveError,
+                            UnknownModelError)
+from cluster.request_stream import InflightRequest, RequestTracker, run_stream
+from cluster.weight_cache import HostWeightCache
+
+log = logging.getLogger(__name__)
+
+LOADING, ACTIVE, PARKED, UNLOADING = "loading", "active", "parked", "unloading"
+
+
+@dataclass
+class ModelEntry:
+    spec: ModelSpec
+    info: CheckpointInfo
+    state: str
+    shell_id: str | None = None  # shell holding (or sleeping with) the weights
+    last_swap_s: float | None = None
+    loaded_at: float = field(default_factory=time.time)
+
+
+class EngineWorker:
+    """Plain class; ``start_engine_worker`` wraps it as a Ray actor."""
+
+    def __init__(self, device: DeviceSpec):
+        self.device = device
+        self.memory = DeviceMemory(device.memory_bytes)
+        self.cache = HostWeightCache(owner=device.id.replace("/", "_"))
+        self.sleep_mode = sleep_mode_supported(device.kind)
+        self.models: dict[str, ModelEntry] = {}
+        self.shells: dict[str, EngineShell] = {}
+        self.requests = RequestTracker()
+        self._control = asyncio.Lock()
+        self._shell_ids = itertools.count()
+
+    # ------------------------------------------------------------------ control
+    async def load(self, spec: dict | ModelSpec, park: bool = False) -> dict:
+        """Load a model onto the device in a new engine shell.
+
+        With ``park=True`` the model is only cached in host memory (state
+        parked), ready for a fast ``swap``/``wake`` into a same-family shell.
+        Idempotent: loading a registered model returns its status.
+        """
+        spec = spec if isinstance(spec, ModelSpec) else ModelSpec.model_validate(spec)
+        async with self._control:
+            if spec.name in self.models:
+                return self._model_status(spec.name)
+            info = read_checkpoint(spec.path)
+            spec = spec.resolved()
+            if park:
+                self.cache.put(spec.name, spec.path)
+                self.models[spec.name] = ModelEntry(spec, info, PARKED)
+                return self._model_status(spec.name)
+            shell_id = f"shell{next(self._shell_ids)}"
+            self.memory.reserve(shell_id, _footprint(spec), f"loading {spec.name!r}")
+            self.models[spec.name] = ModelEntry(spec, info, LOADING, shell_id)
+            try:
+                self.cache.put(spec.name, spec.path)
+                shell = await EngineShell.start(shell_id, spec, info, self.sleep_mode)
+            except BaseException:
+                self.memory.release(shell_id)
+                self.models.pop(spec.name, None)
+                self.cache.drop(spec.name)
+                raise
+            self.shells[shell_id] = shell
+            self.models[spec.name].state = ACTIVE
+            return self._model_status(spec.name)
+
+    async def swap(self, name: str, replace: str | None = None) -> dict:
+        """Make parked model ``name`` active by swapping it into a shell in place.
+
+        The shell is the one holding ``replace`` if given, else a vacant
+        same-family shell, else an idle active same-family model's shell. The
+        displaced model becomes parked (its weights stay in the host cache).
+        """
+        async with self._control:
+            entry = self._entry(name)
+            if entry.state == ACTIVE:
+                return self._model_status(name)
+            if entry.state != PARKED:
+                raise ModelNotActiveError(f"model {name!r} is {entry.state}, cannot swap in")
+            shell = self._shell_for(entry, replace)
+            return await self._swap_into(shell, entry)
+
+    async def park(self, name: str) -> dict:
+        """Take an idle model out of its engine, keeping its weights in host RAM.
+
+        GPU: vLLM sleep mode offloads the weights and frees device memory; the
+        shell stays for a fast ``wake``. CPU (no sleep mode): the weights are
+        already in the host cache, so the shell is simply left vacant for the
+        next same-family model to be swapped into; ``unload`` of the last model
+        or ``drop_vacant_shells`` shuts it down and frees its memory.
+        """
+        async with self._control:
+            entry = self._entry(name)
+            if entry.state == PARKED:
+                return self._model_status(name)
+            self._require_idle(entry, "park")
+            shell = self.shells[entry.shell_id]
+            if self.sleep_mode:
+                await shell.sleep()
+                self.memory.release(shell.id)
+            else:
+                shell.resident = None
+                entry.shell_id = None
+            entry.state = PARKED
+            return self._model_status(name)
+
+    async def wake(self, name: str) -> dict:
+        """Parked -> active: ``wake_up`` on GPU, else a swap into a shell."""
+        async with self._control:
+            entry = self._entry(name)
+            if entry.state == ACTIVE:
+                return self._model_status(name)
+            shell = self.shells.get(entry.shell_id or "")
+            if shell is not None and shell.sleeping:
+                self.memory.reserve(shell.id, _footprint(entry.spec), f"waking {name!r}")
+                await shell.wake()
+                entry.state = ACTIVE
+                return self._model_status(name)
+            return await self._swap_into(self._shell_for(entry, None), entry)
+
+    async def unload(self, name: str) -> dict:
+        """Remove a model: abort its requests, free its shell, drop its cache."""
+        async with self._control:
+            entry = self._entry(name)
+            entry.state = UNLOADING
+            aborted = await self.requests.abort_model(
+                name, lambda rid: self._abort_in_engine(entry, rid),
+                reason=f"model {name!r} was unloaded")
+            shell = self.shells.get(entry.shell_id or "")
+            if shell is not None and shell.resident in (name, None):
+                self._close_shell(shell)
+            self.cache.drop(name)
+            del self.models[name]
+            return {"name": name, "state": "unloaded", "aborted_requests": aborted}
+
+    async def drop_vacant_shells(self) -> int:
+        """Shut down shells that hold no model, freeing their memory."""
+        async with self._control:
+            vacant = [s for s in self.shells.values() if s.resident is None and not s.sleeping]
+            for s in vacant:
+                self._close_shell(s)
+            return len(vacant)
+
+    async def shutdown(self) -> None:
+        for entry in list(self.models.values()):
+            await self.requests.abort_model(entry.spec.name, lambda rid: None,
+                                            reason="engine worker shut down")
+        for s in list(self.shells.values()):
+            self._close_shell(s)
+        self.models.clear()
+        self.cache.close()
+
+    # --------------------------------------------------------------- requests
+    async def generate(self, model: str, prompt: str | None = None,
+                       prompt_token_ids: list[int] | None = None,
+                       sampling: dict | None = None,
+                       request_id: str | None = None) -> AsyncIterator[dict]:
+        """Stream one request's output as dict chunks (a Ray streaming generator).
+
+        The first chunk carries ``prompt_token_ids`` so the caller can later
+        ``resume`` the request elsewhere. If the consumer goes away (Ray task
+        cancelled), the request is aborted inside vLLM.
+        """
+        entry, shell = self._serving(model)
+        ids = list(prompt_token_ids) if prompt_token_ids is not None else shell.tokenize(prompt or "")
+        req = InflightRequest(request_id or uuid.uuid4().hex, model, ids, dict(sampling or {}))
+        async for chunk in run_stream(self.requests, shell, entry.spec.max_model_len, req, []):
+            yield chunk
+
+    async def resume(self, request: dict, generated_token_ids: list[int]) -> AsyncIterator[dict]:
+        """Continue a request from a token prefix by re-prefilling it.
+
+        ``request`` is the first chunk's request description (``model``,
+        ``prompt_token_ids``, ``sampling``, ``request_id``). Prompt plus
+        generated tokens are prefilled as one prompt and generation continues
+        for the remaining budget; with greedy sampling the concatenation
+        equals an uninterrupted run. Seeded random sampling restarts its RNG
+        stream, so it continues validly but not identically.
+        """
+        entry, shell = self._serving(request["model"])
+        req = InflightRequest(request.get("request_id") or uuid.uuid4().hex, request["model"],
+                              list(request["prompt_token_ids"]), dict(request.get("sampling") or {}))
+        async for chunk in run_stream(self.requests, shell, entry.spec.max_model_len, req,
+                                      list(generated_token_ids)):
+            yield chunk
+
+    async def abort(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        entry = self.models.get(req.model)
+        if entry is not None:
+            await self._abort_in_engine(entry, request_id)
+        return True
+
+    # ------------------------------------------------------------------ status
+    def stats(self) -> dict:
+        return {
+            "device": {"id": self.device.id, "kind": self.device.kind,
+                       "vendor": self.device.vendor,
+                       "accelerator_type": self.device.accelerator_type,
+                       "memory_used_bytes": self.memory.used_bytes,
+                       "memory_budget_bytes": self.memory.budget_bytes,
+                       "host_cache_bytes": self.cache.total_bytes,
+                       "sleep_mode": self.sleep_mode},
+            "shells": {s.id: {"resident": s.resident, "sleeping": s.sleeping}
+                       for s in self.shells.values()},
+            "models": {n: self._model_status(n) for n in self.models},
+            "tokens_per_s": self.requests.tokens_per_s(None),
+        }
+
+    def ping(self) -> str:
+        return self.device.id
+
+    # --------------------------------------------------------------- internals
+    def _entry(self, name: str) -> ModelEntry:
+        entry = self.models.get(name)
+        if entry is None:
+            raise UnknownModelError(f"model {name!r} is not loaded on device {self.device.id!r}; "
+                                    f"loaded: {sorted(self.models)}")
+        return entry
+
+    def _serving(self, name: str) -> tuple[ModelEntry, EngineShell]:
+        entry = self._entry(name)
+        if entry.state != ACTIVE:
+            raise ModelNotActiveError(f"model {name!r} is {entry.state} on device "
+                                      f"{self.device.id!r}; wake or swap it in first")
+        return entry, self.shells[entry.shell_id]
+
+    def _require_idle(self, entry: ModelEntry, action: str) -> None:
+        n = self.requests.count(entry.spec.name)
+        if n:
+            raise ModelBusyError(f"cannot {action} model {entry.spec.name!r}: "
+                                 f"{n} request(s) in flight")
+
+    def _shell_for(self, entry: ModelEntry, replace: str | None) -> EngineShell:
+        sig = entry.info.swap_signature
+        if replace is not None:
+            other = self._entry(replace)
+            if other.state != ACTIVE:
+                raise ModelNotActiveError(f"model {replace!r} is {other.state}, not in a shell")
+            shell = self.shells[other.shell_id]
+            if shell.swap_signature != sig:
+                raise IncompatibleModelError(
+                    f"cannot swap {entry.spec.name!r} ({entry.info.architecture}) into the engine "
+                    f"of {replace!r} ({other.info.architecture}): tensor shapes or tokenizer differ")
+            self._require_idle(other, "swap out")
+            return shell
+        same = [s for s in self.shells.values() if s.swap_signature == sig and not s.sleeping]
+        for s in same:
+            if s.resident is None:
+                return s
+        for s in same:
+            if not self.requests.count(s.resident):
+                return s
+        if same:
+            raise ModelBusyError(f"every engine that {entry.spec.name!r} can swap into is "
+                                 f"serving requests: {[s.resident for s in same]}")
+        raise IncompatibleModelError(
+            f"no engine on device {self.device.id!r} shares the shapes and tokenizer of "
+            f"{entry.spec.name!r} ({entry.info.architecture}); load it into a new engine instead")
+
+    async def _swap_into(self, shell: EngineShell, entry: ModelEntry) -> dict:
+        displaced = self.models.get(shell.resident or "")
+        cached = self.cache.get(entry.spec.name) or self.cache.put(entry.spec.name, entry.spec.path)
+        entry.state = LOADING
+        if displaced is not None:
+            displaced.state, displaced.shell_id = PARKED, None
+        try:
+            entry.last_swap_s = await shell.swap_in(entry.spec.name, str(cached.dir))
+        except BaseException:
+            entry.state = PARKED  # the shell is left vacant; its old model stays parked
+            raise
+        entry.state, entry.shell_id = ACTIVE, shell.id
+        return self._model_status(entry.spec.name)
+
+    async def _abort_in_engine(self, entry: ModelEntry, request_id: str) -> None:
+        shell = self.shells.get(entry.shell_id or "")
+        if shell is not None:
+            await shell.abort(request_id)
+
+    def _close_shell(self, shell: EngineShell) -> None:
+        shell.shutdown()
+        self.shells.pop(shell.id, None)
+        self.memory.release(shell.id)
+
+    def _model_status(self, name: str) -> dict:
+        e = self.models[name]
+        counts = self.requests.counts(name)
+        return {"name": name, "state": e.state, "family": e.spec.family,
+                "architecture": e.info.architecture, "shell": e.shell_id,
+                "weights_bytes": e.spec.weights_bytes, "kv_cache_bytes": e.spec.kv_cache_bytes,
+                "running": counts["running"], "waiting": counts["waiting"],
+                "tokens_per_s": self.requests.tokens_per_s(name),
+                "last_swap_s": e.last_swap_s}
+
+
+def _footprint(spec: ModelSpec) -> int:
+    """Device bytes one shell of this model reserves: weights plus KV cache."""
+    return spec.weights_bytes + spec.kv_cache_bytes
+
+
+def start_engine_worker(device: DeviceSpec, name: str | None = None, **actor_options):
+    """Create the worker as a Ray actor (async, so requests stream concurrently)."""
+    import ray
+
+    opts: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1000}
+    if name:
+        opts["name"] = name
+    opts.update(actor_options)
+    return ray.remote(EngineWorker).options(**opts).remote(device)

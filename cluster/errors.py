@@ -1,0 +1,67 @@
+"""Errors that cross the actor boundary and reach clients.
+
+Each carries an HTTP-ish ``status`` so the front door can map it to the
+OpenAI error shape without a lookup table of its own. Ray re-raises an
+actor's exception on the caller as an instance of the same class, so callers
+can ``except OverBudgetError`` directly.
+"""
+
+from __future__ import annotations
+
+
+class ShoalError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+
+    def __reduce__(self):  # keep the message across Ray's pickling
+        return (self.__class__, self.args)
+
+
+class UnknownModelError(ShoalError):
+    status, code = 404, "model_not_found"
+
+
+class BadRequestError(ShoalError):
+    """Malformed input: bad parameters, prompt too long, bad checkpoint."""
+
+    status, code = 400, "invalid_request_error"
+
+
+class CheckpointError(BadRequestError):
+    """A checkpoint path that is missing, unreadable or not a model."""
+
+    code = "invalid_checkpoint"
+
+
+class IncompatibleModelError(BadRequestError):
+    """A swap between models whose shapes or tokenizers differ."""
+
+    code = "incompatible_architecture"
+
+
+class PromptTooLongError(BadRequestError):
+    code = "context_length_exceeded"
+
+
+class OverBudgetError(ShoalError):
+    """A load that does not fit in the device's memory budget."""
+
+    status, code = 507, "insufficient_device_memory"
+
+
+class ModelNotActiveError(ShoalError):
+    """The model is registered but its weights are not in an engine now."""
+
+    status, code = 409, "model_not_active"
+
+
+class ModelBusyError(ShoalError):
+    """A control action that needs the model idle while requests are in flight."""
+
+    status, code = 409, "model_busy"
+
+
+class RequestAbortedError(ShoalError):
+    """An in-flight request ended by an unload or a worker shutdown."""
+
+    status, code = 503, "request_aborted"

@@ -1,0 +1,132 @@
+"""Streaming one request through an engine shell, and tracking what is in flight.
+
+``run_stream`` is shared by ``generate`` and ``resume``: a fresh request is a
+resume from an empty token prefix. Chunks are plain dicts (they cross the
+Ray boundary); the first one carries the request description a caller needs
+to resume the request on another engine later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from cluster.errors import BadRequestError, PromptTooLongError, RequestAbortedError
+
+DEFAULT_MAX_TOKENS = 16
+RATE_WINDOW_S = 10.0
+
+
+@dataclass
+class InflightRequest:
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    sampling: dict[str, Any]  # user sampling params, max_tokens as asked
+    first_token_at: float | None = None  # None while waiting for prefill
+    abort_reason: str | None = None  # set when the worker ends the request
+
+    def description(self) -> dict:
+        """What ``resume`` needs to continue this request elsewhere."""
+        return {"request_id": self.request_id, "model": self.model,
+                "prompt_token_ids": self.prompt_token_ids, "sampling": self.sampling}
+
+
+@dataclass
+class RequestTracker:
+    """In-flight requests and a sliding window of generated tokens."""
+
+    inflight: dict[str, InflightRequest] = field(default_factory=dict)
+    _tokens: deque = field(default_factory=deque)  # (time, model, n_tokens)
+
+    def get(self, request_id: str) -> InflightRequest | None:
+        return self.inflight.get(request_id)
+
+    def count(self, model: str | None) -> int:
+        return sum(1 for r in self.inflight.values() if r.model == model)
+
+    def counts(self, model: str) -> dict[str, int]:
+        reqs = [r for r in self.inflight.values() if r.model == model]
+        running = sum(1 for r in reqs if r.first_token_at is not None)
+        return {"running": running, "waiting": len(reqs) - running}
+
+    def record_tokens(self, model: str, n: int) -> None:
+        now = time.monotonic()
+        self._tokens.append((now, model, n))
+        while self._tokens and self._tokens[0][0] < now - RATE_WINDOW_S:
+            self._tokens.popleft()
+
+    def tokens_per_s(self, model: str | None) -> float:
+        cutoff = time.monotonic() - RATE_WINDOW_S
+        n = sum(k for t, m, k in self._tokens if t >= cutoff and (model is None or m == model))
+        return n / RATE_WINDOW_S
+
+    async def abort_model(self, model: str, abort: Callable, reason: str) -> int:
+        """End every in-flight request of ``model``; their streams raise ``reason``."""
+        victims = [r for r in self.inflight.values() if r.model == model]
+        for r in victims:
+            r.abort_reason = reason
+            res = abort(r.request_id)
+            if res is not None:
+                await res
+        return len(victims)
+
+
+def sampling_params(sampling: dict[str, Any], already_generated: int):
+    """vLLM SamplingParams for the rest of a request, as a delta stream."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    params = dict(sampling)
+    params["max_tokens"] = params.get("max_tokens", DEFAULT_MAX_TOKENS) - already_generated
+    if "min_tokens" in params:
+        params["min_tokens"] = max(0, params["min_tokens"] - already_generated)
+    try:
+        return SamplingParams(**params, output_kind=RequestOutputKind.DELTA)
+    except (TypeError, ValueError) as e:
+        raise BadRequestError(f"bad sampling parameters: {e}") from None
+
+
+async def run_stream(tracker: RequestTracker, shell, max_model_len: int,
+                     req: InflightRequest, generated: list[int]) -> AsyncIterator[dict]:
+    """Generate ``req`` continuing after ``generated``; yield delta chunks."""
+    ids = req.prompt_token_ids + generated
+    if len(ids) >= max_model_len:
+        raise PromptTooLongError(
+            f"prompt has {len(req.prompt_token_ids)} tokens (+{len(generated)} generated); "
+            f"model {req.model!r} has a context of {max_model_len} tokens")
+    if req.request_id in tracker.inflight:
+        raise BadRequestError(f"request id {req.request_id!r} is already in flight")
+    first = {"request": req.description(), "num_generated": len(generated)}
+    remaining = req.sampling.get("max_tokens", DEFAULT_MAX_TOKENS) - len(generated)
+    if remaining <= 0:  # a resume of a request that had already finished
+        yield {**first, "token_ids": [], "text": "", "finished": True, "finish_reason": "length"}
+        return
+    params = sampling_params(req.sampling, len(generated))
+    tracker.inflight[req.request_id] = req
+    n_generated, finished = len(generated), False
+    try:
+        async for out in shell.generate(ids, params, req.request_id):
+            if req.abort_reason:
+                break
+            o = out.outputs[0]
+            if req.first_token_at is None:
+                req.first_token_at = time.monotonic()
+            n_generated += len(o.token_ids)
+            tracker.record_tokens(req.model, len(o.token_ids))
+            finished = out.finished
+            yield {**first, "token_ids": list(o.token_ids), "text": o.text,
+                   "finished": finished, "finish_reason": o.finish_reason,
+                   "num_generated": n_generated}
+            first = {"num_generated": n_generated}
+        if req.abort_reason:
+            raise RequestAbortedError(f"request {req.request_id!r} aborted: {req.abort_reason}")
+    finally:
+        tracker.inflight.pop(req.request_id, None)
+        if not finished and not req.abort_reason:
+            # The consumer left (cancel/close) or an error broke the stream:
+            # make sure vLLM stops spending compute on it.
+            await shell.abort(req.request_id)
