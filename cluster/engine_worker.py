@@ -94,7 +94,8 @@ class EngineWorker:
             self.models[spec.name] = ModelEntry(spec, info, LOADING, shell_id)
             try:
                 self.cache.put(spec.name, spec.path)
-                shell = await EngineShell.start(shell_id, spec, info, self.sleep_mode)
+                shell = await EngineShell.start(shell_id, spec, info, self.sleep_mode,
+                                                eager=self.device.kind == "cpu")
             except BaseException:
                 self.memory.release(shell_id)
                 self.models.pop(spec.name, None)
@@ -243,7 +244,9 @@ class EngineWorker:
                        "memory_budget_bytes": self.memory.budget_bytes,
                        "host_cache_bytes": self.cache.total_bytes,
                        "sleep_mode": self.sleep_mode},
-            "shells": {s.id: {"resident": s.resident, "sleeping": s.sleeping}
+            "shells": {s.id: {"resident": s.resident, "sleeping": s.sleeping,
+                              # vLLM's own count: proves aborted requests are gone
+                              "engine_unfinished": s.engine.get_num_unfinished_requests()}
                        for s in self.shells.values()},
             "models": {n: self._model_status(n) for n in self.models},
             "tokens_per_s": self.requests.tokens_per_s(None),

@@ -78,6 +78,7 @@ class RequestTracker:
 def sampling_params(sampling: dict[str, Any], already_generated: int):
     """vLLM SamplingParams for the rest of a request, as a delta stream."""
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import RequestOutputKind
 
     params = dict(sampling)
@@ -86,7 +87,7 @@ def sampling_params(sampling: dict[str, Any], already_generated: int):
         params["min_tokens"] = max(0, params["min_tokens"] - already_generated)
     try:
         return SamplingParams(**params, output_kind=RequestOutputKind.DELTA)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, VLLMValidationError) as e:
         raise BadRequestError(f"bad sampling parameters: {e}") from None
 
 

@@ -9,9 +9,10 @@ Why shared memory and not the Ray object store: vLLM's engine core runs in a
 child process that is not a Ray worker, so object-store data would have to be
 fetched by the actor and pushed through vLLM's RPC socket (serialize, send,
 deserialize, then copy into the parameters): at least two extra copies of
-every byte. ``shoal bench swap`` measures both feeds in one run
-(``swap_s_p50`` via tmpfs, ``objstore_swap_s_p50`` via the RPC) so the choice
-stays checked against numbers; on our CPU machines tmpfs wins.
+every byte, and vLLM 0.32's RPC cannot even carry tensors as kwargs without
+its insecure pickle mode. ``shoal bench swap`` times both in one run:
+``swap_s_p50`` is the whole tmpfs swap, ``objstore_feed_lower_bound_s_p50``
+only the object-store fetch plus the one copy it cannot avoid.
 """
 
 from __future__ import annotations

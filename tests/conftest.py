@@ -1,0 +1,61 @@
+"""Shared fixtures. Engines are expensive (~20 s each here), so one engine
+worker with two shells is built per session and every engine test shares it;
+tests that change its state put it back."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+MiB = 2**20
+KV_BYTES = 64 * MiB  # per shell; tiny models need very little
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    from cluster.tiny_models import make_test_models
+
+    names = ["tiny-llama-a", "tiny-llama-b", "tiny-llama-c", "tiny-qwen"]
+    return make_test_models(tmp_path_factory.mktemp("models"), names)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def spec(tiny_models):
+    from cluster.catalog import ModelSpec
+
+    def make(name: str, **kw) -> ModelSpec:
+        family = "tiny-qwen" if name == "tiny-qwen" else "tiny-llama"
+        return ModelSpec(name=name, path=str(tiny_models[name]), family=family,
+                         kv_cache_bytes=KV_BYTES, **kw).resolved()
+    return make
+
+
+@pytest.fixture(scope="session")
+def worker(ray_local, spec):
+    """A CPU device whose budget fits exactly two tiny shells.
+
+    Session state: tiny-llama-a active in one shell, tiny-llama-b active in
+    another (both fresh engines: the reference outputs), tiny-llama-c parked.
+    """
+    from cluster.device import DeviceSpec
+    from cluster.engine_worker import start_engine_worker
+
+    footprint = spec("tiny-llama-a").weights_bytes + KV_BYTES
+    w = start_engine_worker(DeviceSpec("cpu-test", "cpu", 2 * footprint + 8 * MiB))
+    ray_local.get([w.load.remote(spec("tiny-llama-a")), w.load.remote(spec("tiny-llama-b"))])
+    ray_local.get(w.load.remote(spec("tiny-llama-c"), park=True))
+    yield w
+    ray_local.get(w.shutdown.remote())
