@@ -39,7 +39,7 @@ def run_demo(models_dir: Path = DEMO_DIR) -> None:
 
     names = ["tiny-llama-a", "tiny-llama-b", "tiny-llama-c"]
     paths = make_test_models(models_dir, names)
-    ray.init(include_dashboard=False,
+    ray.init(include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
     worker = start_engine_worker(DeviceSpec("cpu0", "cpu", 2 * 2**30))
     specs = [ModelSpec(name=n, path=str(paths[n].resolve()), family="tiny-llama") for n in names]

@@ -104,7 +104,7 @@ def _hf_config(m: TinyModel, vocab_size: int) -> dict:
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
-        torch_dtype="bfloat16",
+        dtype="bfloat16",
         architectures=[m.architecture],
         **m.extra_config,
     )
@@ -120,7 +120,7 @@ def write_model(m: TinyModel, out_dir: Path, tokenizer) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     cfg = _hf_config(m, tokenizer.get_vocab_size())
     torch.manual_seed(m.seed)
-    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     # HF's default init (std 0.02) gives nearly flat logits; a larger spread
     # makes greedy decoding decisive, so output comparisons across engines
     # are not decided by rounding ties.

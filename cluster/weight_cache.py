@@ -40,7 +40,8 @@ class HostWeightCache:
     """Per-worker tmpfs cache, removed when the worker shuts down."""
 
     def __init__(self, owner: str):
-        self.root = SHM_ROOT / f"shoal-{owner}-{uuid.uuid4().hex[:8]}"
+        _sweep_dead_caches()
+        self.root = SHM_ROOT / f"shoal-{os.getpid()}-{owner}-{uuid.uuid4().hex[:8]}"
         self.root.mkdir(parents=True, exist_ok=False)
         self._entries: dict[str, CachedWeights] = {}
 
@@ -82,3 +83,25 @@ class HostWeightCache:
     def close(self) -> None:
         self._entries.clear()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _sweep_dead_caches() -> None:
+    """Remove caches left in tmpfs by workers that died without ``close``.
+
+    tmpfs is RAM: a crashed worker's cache would otherwise hold host memory
+    until reboot. The owning pid is part of each cache's directory name.
+    """
+    for d in SHM_ROOT.glob("shoal-*-*"):
+        pid = d.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
