@@ -5,6 +5,7 @@ One run, one machine, ratios within the run:
 - ``swap_s_p50``: median in-place swap between the ~100 MB pair, fed from the
   host weight cache (tmpfs), prefix-cache reset included: the exact code
   path the engine worker uses (``EngineShell.swap_in``);
+- ``tmpfs_feed_s_p50``: the feed part alone: tensors materialized from tmpfs;
 - ``objstore_feed_lower_bound_s_p50``: the alternative feed from the Ray
   object store, timed up to the point where it would still have to cross
   into vLLM's process (see ``_objstore_feed_lower_bound``);
@@ -71,6 +72,19 @@ def _objstore_feed_lower_bound(ref) -> float:
     return time.perf_counter() - t0
 
 
+async def _tmpfs_feed(cached_dir: Path) -> float:
+    """Seconds to materialize a cached checkpoint's tensors from tmpfs.
+
+    The same read vLLM's safetensors loader does inside the engine process;
+    the feed half of ``swap_s`` (the rest is vLLM's load + CPU repacking).
+    """
+    from safetensors.torch import load_file
+
+    t0 = time.perf_counter()
+    load_file(str(next(cached_dir.glob("*.safetensors"))))
+    return time.perf_counter() - t0
+
+
 async def _run(models_dir: Path, swaps: int) -> dict:
     import ray
 
@@ -92,6 +106,7 @@ async def _run(models_dir: Path, swaps: int) -> dict:
             ray.init(ignore_reinit_error=True, include_dashboard=False, num_cpus=1)
             refs = [_objstore_weights(Path(s.path)) for s in specs]
             obj_s = [_objstore_feed_lower_bound(refs[(i + 1) % 2]) for i in range(swaps)]
+            tmpfs_s = [_tmpfs_feed(cached[(i + 1) % 2].dir) for i in range(swaps)]
         finally:
             shell.shutdown()
     finally:
@@ -105,6 +120,7 @@ async def _run(models_dir: Path, swaps: int) -> dict:
         "swaps": swaps,
         "swap_s_p50": swap_p50,
         "swap_s_max": max(swap_s),
+        "tmpfs_feed_s_p50": statistics.median(tmpfs_s),
         "objstore_feed_lower_bound_s_p50": statistics.median(obj_s),
         "fresh_start_s": fresh_start_s,
         "memcpy_gbps": memcpy_gbps,
