@@ -72,7 +72,7 @@ def _objstore_feed_lower_bound(ref) -> float:
     return time.perf_counter() - t0
 
 
-async def _tmpfs_feed(cached_dir: Path) -> float:
+def _tmpfs_feed(cached_dir: Path) -> float:
     """Seconds to materialize a cached checkpoint's tensors from tmpfs.
 
     The same read vLLM's safetensors loader does inside the engine process;
@@ -111,6 +111,7 @@ async def _run(models_dir: Path, swaps: int) -> dict:
             shell.shutdown()
     finally:
         cache.close()
+        ray.shutdown()
     swap_p50 = statistics.median(swap_s)
     memcpy_bound_s = weights_bytes / (memcpy_gbps * 1e9)
     return {
