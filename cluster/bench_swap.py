@@ -43,14 +43,19 @@ def measure_memcpy_gbps(nbytes: int, repeats: int = 7) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
+def _load_tensors(checkpoint_dir: Path) -> dict:
+    """All tensors of a single-file safetensors checkpoint, materialized."""
+    from safetensors.torch import load_file
+
+    return load_file(str(next(checkpoint_dir.glob("*.safetensors"))))
+
+
 def _objstore_weights(path: Path):
     """Put a checkpoint's tensors in the object store as raw byte arrays."""
     import ray
     import torch
-    from safetensors.torch import load_file
 
-    tensors = load_file(str(next(path.glob("*.safetensors"))))
-    return ray.put({k: v.view(torch.uint8).numpy() for k, v in tensors.items()})
+    return ray.put({k: v.view(torch.uint8).numpy() for k, v in _load_tensors(path).items()})
 
 
 def _objstore_feed_lower_bound(ref) -> float:
@@ -78,10 +83,8 @@ def _tmpfs_feed(cached_dir: Path) -> float:
     The same read vLLM's safetensors loader does inside the engine process;
     the feed half of ``swap_s`` (the rest is vLLM's load + CPU repacking).
     """
-    from safetensors.torch import load_file
-
     t0 = time.perf_counter()
-    load_file(str(next(cached_dir.glob("*.safetensors"))))
+    _load_tensors(cached_dir)
     return time.perf_counter() - t0
 
 

@@ -51,9 +51,9 @@ class EngineShell:
             kv_cache_memory_bytes=spec.kv_cache_bytes,
             enable_prefix_caching=True,
             enable_sleep_mode=sleep_mode,
-            # On CPU, torch.compile adds ~40 s to every engine start (measured:
-            # 61 s -> 20 s for a tiny model with eager + explicit KV size); on
-            # GPU, CUDA graphs pay for themselves, so only CPU goes eager.
+            # On CPU, torch.compile roughly triples every engine start (seen
+            # once with a scratch script, not a shoal bench); on GPU, CUDA
+            # graphs pay for themselves, so only CPU goes eager.
             enforce_eager=eager,
             disable_log_stats=True,
             seed=0,
@@ -81,8 +81,10 @@ class EngineShell:
         vLLM keeps no plain weight tensors: every linear layer's weight is
         repacked into a oneDNN/SGL kernel handle and the parameter emptied,
         so ``reload_weights`` must re-run that repacking, which dominates
-        (``shoal bench swap``: 0.085 s for 103 MB vs a 5.4 ms memcpy bound). The prefix cache is reset on every swap: its blocks are keyed
-        by token ids only, so without the reset the new model would reuse KV
+        (``shoal bench swap``: 0.085 s for 103 MB vs a 5.4 ms memcpy bound).
+
+        The prefix cache is reset on every swap: its blocks are keyed by
+        token ids only, so without the reset the new model would reuse KV
         computed by the old one for the same prefix and answer wrongly.
         """
         t0 = time.perf_counter()

@@ -88,7 +88,8 @@ def build_tokenizer():
     return tok
 
 
-def _hf_config(m: TinyModel, vocab_size: int) -> dict:
+def _hf_config(m: TinyModel, vocab_size: int):
+    """The transformers PretrainedConfig for one tiny model."""
     from transformers import AutoConfig
 
     model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}[m.architecture]
