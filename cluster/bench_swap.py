@@ -2,9 +2,18 @@
 
 One run, one machine, ratios within the run:
 - ``fresh_start_s``: a new vLLM engine for the ~100 MB model;
-- ``swap_s_p50``: median in-place swap between the ~100 MB pair, fed from the
-  host weight cache (tmpfs), prefix-cache reset included: the exact code
-  path the engine worker uses (``EngineShell.swap_in``);
+- ``swap_s_p50``: median warm in-place swap between the ~100 MB pair, fed
+  from the host weight cache (tmpfs), prefix-cache reset included: the exact
+  code path the engine worker uses (``EngineShell.swap_in``). "Warm" means
+  the shell has served that model before, so on CPU it takes the PREPARED
+  path (``cluster/cpu_weight_swap.py``); ``swap_paths`` counts the paths;
+- ``first_swap_s``: each model's first swap into the shell (RELOAD path:
+  vLLM's ``reload_weights`` plus keeping the result prepared), not in p50;
+- ``reload_swap_s_p50``: the same swaps forced through ``reload_weights``
+  alone (``use_prepared=False``): the swap before prepared weights existed;
+- ``prepared``: what a PREPARED swap moves: ``copied_bytes`` are copied
+  (plain tensors), ``kernel_bytes`` are packed linear kernels re-pointed by
+  reference, not copied, and held in engine RAM per parked model;
 - ``tmpfs_feed_s_p50``: the feed part alone: tensors materialized from tmpfs;
 - ``objstore_feed_lower_bound_s_p50``: the alternative feed from the Ray
   object store, timed up to the point where it would still have to cross
@@ -21,7 +30,7 @@ from pathlib import Path
 
 from cluster.catalog import ModelSpec
 from cluster.checkpoint import read_checkpoint
-from cluster.engine_shell import EngineShell
+from cluster.engine_shell import PREPARED, RELOAD, EngineShell
 from cluster.tiny_models import make_test_models
 from cluster.weight_cache import HostWeightCache
 
@@ -104,8 +113,14 @@ async def _run(models_dir: Path, swaps: int) -> dict:
                                        sleep_mode=False, eager=True)
         fresh_start_s = time.perf_counter() - t0
         try:
-            swap_s = [await shell.swap_in(PAIR[(i + 1) % 2], str(cached[(i + 1) % 2].dir))
-                      for i in range(swaps)]
+            timed = []  # (seconds, path) in swap order
+            for i in range(swaps):
+                t = await shell.swap_in(PAIR[(i + 1) % 2], str(cached[(i + 1) % 2].dir))
+                timed.append((t, shell.last_swap_path))
+            reload_s = [await shell.swap_in(PAIR[(i + 1) % 2], str(cached[(i + 1) % 2].dir),
+                                            use_prepared=False) for i in range(swaps)]
+            prepared = shell.prepared_summary(PAIR[0])
+            prepared_bytes = shell.prepared_bytes()
             ray.init(ignore_reinit_error=True, include_dashboard=False, num_cpus=1)
             refs = [_objstore_weights(Path(s.path)) for s in specs]
             obj_s = [_objstore_feed_lower_bound(refs[(i + 1) % 2]) for i in range(swaps)]
@@ -115,21 +130,31 @@ async def _run(models_dir: Path, swaps: int) -> dict:
     finally:
         cache.close()
         ray.shutdown()
-    swap_p50 = statistics.median(swap_s)
+    warm = [t for t, path in timed if path == PREPARED]
+    first = [t for t, path in timed if path != PREPARED]
+    swap_p50 = statistics.median(warm or first)  # no warm swap: prepared swaps are off
     memcpy_bound_s = weights_bytes / (memcpy_gbps * 1e9)
     return {
         "bench": "swap",
         "models": list(PAIR),
         "weights_bytes": weights_bytes,
         "swaps": swaps,
+        "swap_paths": {p: [path for _, path in timed].count(p) for p in (PREPARED, RELOAD)},
         "swap_s_p50": swap_p50,
-        "swap_s_max": max(swap_s),
+        "swap_s_max": max(warm or first),
+        "first_swap_s": first,
+        "reload_swap_s_p50": statistics.median(reload_s),
+        "prepared": prepared and {"copied_bytes": prepared["tensor_bytes"],
+                                  "kernel_bytes": prepared["kernel_bytes"],
+                                  "kernels": prepared["kernels"],
+                                  "bytes_per_model": prepared_bytes},
         "tmpfs_feed_s_p50": statistics.median(tmpfs_s),
         "objstore_feed_lower_bound_s_p50": statistics.median(obj_s),
         "fresh_start_s": fresh_start_s,
         "memcpy_gbps": memcpy_gbps,
         "memcpy_bound_s": memcpy_bound_s,
         "swap_over_memcpy_bound": swap_p50 / memcpy_bound_s,
+        "reload_swap_over_memcpy_bound": statistics.median(reload_s) / memcpy_bound_s,
         "fresh_over_swap": fresh_start_s / swap_p50,
         "targets": {"swap_s_p50 <= 3 x memcpy_bound_s": swap_p50 <= 3 * memcpy_bound_s,
                     "fresh_start_s / swap_s_p50 >= 100": fresh_start_s / swap_p50 >= 100},
@@ -137,4 +162,6 @@ async def _run(models_dir: Path, swaps: int) -> dict:
 
 
 def run_swap_bench(models_dir: str | Path, swaps: int = 10) -> dict:
-    return asyncio.run(_run(Path(models_dir), swaps))
+    # Swaps alternate A/B from a shell started with A: the first two are
+    # each model's first visit (RELOAD), the rest are warm.
+    return asyncio.run(_run(Path(models_dir), max(swaps, 3)))

@@ -80,12 +80,51 @@ class CPUDevice(_Strict):
 
     id: str = Field(min_length=1)
     memory_bytes: int = Field(gt=0)
-    node: str | None = Field(None, description="Ray node id or IP; None = head")
+    # Which Ray node runs its engines: a node id, a node IP, or the name of a
+    # custom resource that node declares (``ray start --resources
+    # '{"shoal-node-b": 1}'``). None = the head node.
+    node: str | None = None
+    vendor: str = "cpu"
+    accelerator_type: str | None = None
+    speed: float = Field(1.0, gt=0, description="relative decode throughput")
+    cost_per_hour: float = Field(0.0, ge=0)
+
+
+class AcceleratorProfile(_Strict):
+    """What Ray's resources do not say about one accelerator type."""
+
+    memory_bytes: int = Field(gt=0)
+    speed: float = Field(1.0, gt=0)
+    cost_per_hour: float = Field(0.0, ge=0)
+
+
+class DiscoveryConfig(_Strict):
+    """How the controller turns Ray cluster resources into devices."""
+
+    # Per ``accelerator_type:*`` string; unknown types use the default memory.
+    accelerators: dict[str, AcceleratorProfile] = Field(default_factory=dict)
+    default_accelerator_memory_bytes: int = Field(16 * 2**30, gt=0)
+    # Run the engines of discovered accelerators on CPU. For tests and demos
+    # on machines without accelerators: the nodes declare GPU/NPU resources
+    # and accelerator types, placement sees them, engines are vLLM-on-CPU.
+    emulate_accelerators_on_cpu: bool = False
+
+
+class ControllerConfig(_Strict):
+    policy: str = Field("default", description="default | dedicated | lru")
+    policy_config: dict[str, Any] = Field(default_factory=dict)
+    tick_s: float = Field(2.0, ge=0, description="policy timer; 0 = on events only")
+    health_check_s: float = Field(2.0, gt=0)
+    # Cold start: requests for a model that is not active wait here.
+    cold_queue_max: int = Field(64, ge=1, description="waiting requests per model")
+    load_timeout_s: float = Field(180.0, gt=0)
 
 
 class Catalog(_Strict):
     models: list[ModelSpec] = Field(default_factory=list)
     cpu_devices: list[CPUDevice] = Field(default_factory=list)
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Catalog":
@@ -93,6 +132,10 @@ class Catalog(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"duplicate model name(s): {dup}")
+        ids = [d.id for d in self.cpu_devices]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"duplicate cpu_devices id(s): {dup}")
         return self
 
     def model(self, name: str) -> ModelSpec:

@@ -20,6 +20,10 @@ class DeviceSpec:
     vendor: str = "cpu"  # "nvidia", "amd", "huawei", "intel", "cpu"
     accelerator_type: str | None = None  # Ray's string, e.g. "H100"
     node_id: str | None = None  # Ray node the worker is pinned to
+    speed: float = 1.0  # relative decode throughput, for placement
+    cost_per_hour: float = 0.0
+    # Ray resources the worker actor claims, e.g. {"GPU": 1}; none for CPU.
+    claim: tuple[tuple[str, float], ...] = ()
 
 
 def sleep_mode_supported(kind: str) -> bool:

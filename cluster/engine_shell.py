@@ -5,6 +5,10 @@ allocation); replacing the weights of a running engine with another
 checkpoint of the same shapes costs about one memcpy. A shell is the
 reusable part (Aegaeon's "component reuse"): the engine lives on while the
 model it serves changes.
+
+On CPU a shell also keeps, inside its engine process, each model it has
+served in vLLM's prepared (repacked) form, so that swapping back to it skips
+vLLM's reload and repacking (``cluster/cpu_weight_swap.py``).
 """
 
 from __future__ import annotations
@@ -14,13 +18,41 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cluster.catalog import ModelSpec
 from cluster.checkpoint import CheckpointInfo
+from cluster.cpu_weight_swap import EXTENSION_QUALNAME
 from cluster.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+
+# EngineShell.last_swap_path values
+RELOAD, PREPARED = "reload", "prepared"
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """The shell's note of one model kept prepared in its engine process."""
+
+    files: tuple  # identity of the weight files it was captured from
+    summary: dict  # what the engine reported: bytes, tensor and kernel counts
+
+
+def _weight_files_identity(weights_dir: str) -> tuple:
+    """Name, size, mtime and inode of each weight file: cheap (stat only).
+
+    A prepared copy is used only for the exact files it was captured from,
+    so a model re-cached from another checkpoint under the same name (new
+    files in tmpfs) never gets the old weights, even if ``forget`` was missed.
+    """
+    out = []
+    for f in sorted(Path(weights_dir).glob("*.safetensors")):
+        st = f.stat()
+        out.append((f.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
 
 
 class EngineShell:
@@ -35,6 +67,12 @@ class EngineShell:
         self.sleep_mode = sleep_mode  # vLLM sleep/wake available (GPU only)
         self.sleeping = False
         self.tokenizer = engine.get_tokenizer()
+        # Prepared swaps (CPU): off until ``_enable_prepared_swaps`` says the
+        # engine supports them; the reason is kept for stats and logs.
+        self.prepared_swaps = False
+        self.prepared_swaps_off_reason = "not probed"
+        self._prepared: dict[str, _Prepared] = {}
+        self.last_swap_path: str | None = None  # RELOAD or PREPARED
 
     @classmethod
     async def start(cls, shell_id: str, spec: ModelSpec, info: CheckpointInfo,
@@ -57,6 +95,9 @@ class EngineShell:
             enforce_eager=eager,
             disable_log_stats=True,
             seed=0,
+            # Adds the prepared-weights RPCs to vLLM's worker (inert unless
+            # used; the engine reports whether they are safe, see below).
+            worker_extension_cls=EXTENSION_QUALNAME,
         )
         kwargs.update(spec.engine_args)
         try:
@@ -71,17 +112,39 @@ class EngineShell:
                 f"model {spec.name!r}: vLLM could not start an engine for "
                 f"{spec.path!r} ({info.architecture}): {type(e).__name__}: {e}"
             ) from None
-        return cls(shell_id, engine, info, spec.name, sleep_mode)
+        shell = cls(shell_id, engine, info, spec.name, sleep_mode)
+        await shell._enable_prepared_swaps(kwargs["worker_extension_cls"])
+        return shell
 
-    async def swap_in(self, name: str, weights_dir: str) -> float:
+    async def _enable_prepared_swaps(self, extension: str) -> None:
+        """Ask the engine whether prepared swaps are safe in it (CPU, eager, ...)."""
+        if extension != EXTENSION_QUALNAME:
+            self.prepared_swaps_off_reason = f"engine_args set worker_extension_cls={extension!r}"
+            return
+        try:
+            reasons = await self.engine.collective_rpc("shoal_prepared_swap_unsupported")
+            reason = next((r for r in reasons if r), "")
+        except Exception as e:  # noqa: BLE001 - e.g. another vLLM version: just stay on RELOAD
+            reason = f"probe failed: {type(e).__name__}: {e}"
+        self.prepared_swaps, self.prepared_swaps_off_reason = not reason, reason
+        if reason:
+            log.info("shell %s: prepared swaps off: %s", self.id, reason)
+
+    async def swap_in(self, name: str, weights_dir: str, *, use_prepared: bool = True) -> float:
         """Replace the resident weights with ``name``'s; returns seconds taken.
 
         The caller has checked the swap signature and that no request is in
-        flight. Cost: on CUDA this is close to a copy of the weights. On CPU,
-        vLLM keeps no plain weight tensors: every linear layer's weight is
-        repacked into a oneDNN/SGL kernel handle and the parameter emptied,
-        so ``reload_weights`` must re-run that repacking, which dominates
-        (``shoal bench swap``: 0.085 s for 103 MB vs a 5.4 ms memcpy bound).
+        flight. Two paths; ``last_swap_path`` says which one ran:
+
+        - PREPARED (CPU, when this shell already served ``name`` from these
+          exact files): the engine copies the model's plain tensors into the
+          live ones and re-points each linear layer at the model's packed
+          kernel, kept from last time (``cluster/cpu_weight_swap.py``).
+        - RELOAD (first time, GPU, or ``use_prepared=False``): vLLM's
+          ``reload_weights``. On CUDA that is close to a copy of the weights.
+          On CPU vLLM keeps no plain linear weights: each is repacked into a
+          oneDNN/SGL kernel handle, which dominates (``shoal bench swap``).
+          With prepared swaps on, the result is then captured for next time.
 
         The prefix cache is reset on every swap: its blocks are keyed by
         token ids only, so without the reset the new model would reuse KV
@@ -89,10 +152,71 @@ class EngineShell:
         """
         t0 = time.perf_counter()
         self.resident = None  # half-swapped weights belong to no model
-        await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": weights_dir})
+        self.last_swap_path = None
+        use_prepared = use_prepared and self.prepared_swaps
+        files = _weight_files_identity(weights_dir) if use_prepared else ()
+        held = self._prepared.get(name) if use_prepared else None
+        if held is not None and held.files == files \
+                and await self._apply_prepared(name, weights_dir):
+            self.last_swap_path = PREPARED
+        else:
+            await self.engine.collective_rpc("reload_weights",
+                                             kwargs={"weights_path": weights_dir})
+            if use_prepared:
+                await self._capture(name, files)
+            self.last_swap_path = RELOAD
         await self.engine.reset_prefix_cache()
         self.resident = name
         return time.perf_counter() - t0
+
+    async def _capture(self, name: str, files: tuple) -> None:
+        """Keep the just-reloaded ``name`` prepared (engine idle, weights fresh)."""
+        try:
+            summary = (await self.engine.collective_rpc("shoal_capture", args=(name,)))[0]
+        except Exception:  # noqa: BLE001 - the swap itself succeeded; only the copy is lost
+            log.exception("shell %s: could not keep %r prepared; next swap reloads", self.id, name)
+            return
+        self._prepared[name] = _Prepared(files, summary)
+
+    async def _apply_prepared(self, name: str, weights_dir: str) -> bool:
+        """The PREPARED path; False (copy dropped) if it failed, so RELOAD runs."""
+        try:
+            await self.engine.collective_rpc("shoal_apply", args=(name, weights_dir))
+            return True
+        except Exception:  # noqa: BLE001 - vLLM wraps engine-side errors variously
+            # The live model may be half-written; RELOAD rewrites all of it.
+            log.exception("shell %s: prepared swap to %r failed; reloading", self.id, name)
+            await self.forget(name)
+            return False
+
+    async def forget(self, name: str) -> bool:
+        """Free the prepared copy of ``name`` kept in this shell's engine.
+
+        Call it when ``name`` is unloaded (its host-RAM copy is otherwise kept
+        until the shell shuts down). Safe for any name and any state: returns
+        whether a copy was held. The live model is unaffected, even if
+        ``name`` is the one being served.
+        """
+        if self._prepared.pop(name, None) is None:
+            return False
+        if self.engine is not None:
+            await self.engine.collective_rpc("shoal_forget", args=(name,))
+        return True
+
+    def prepared_bytes(self) -> dict[str, int]:
+        """Host-RAM bytes of each model's prepared copy in this shell's engine.
+
+        Per model: cloned plain tensors plus its packed linear kernels (the
+        kernels estimated at their unpacked size). For the model currently
+        served the kernels are the live ones, so only its tensor clones are
+        extra; for every other model the whole amount is extra RAM.
+        """
+        return {n: p.summary["bytes"] for n, p in self._prepared.items()}
+
+    def prepared_summary(self, name: str) -> dict | None:
+        """The engine's account of ``name``'s prepared copy: counts and bytes."""
+        held = self._prepared.get(name)
+        return dict(held.summary) if held is not None else None
 
     # --- GPU-only: vLLM sleep mode. Written against vLLM's documented API
     # (AsyncLLM.sleep / wake_up); it cannot run on our CPU CI machines, where
@@ -123,6 +247,7 @@ class EngineShell:
 
     def shutdown(self) -> None:
         self.resident = None
+        self._prepared.clear()  # they live in the engine process, which ends here
         try:
             self.engine.shutdown()
         except Exception:  # already dead: nothing left to free

@@ -54,6 +54,7 @@ class ModelEntry:
     state: str
     shell_id: str | None = None  # shell holding (or sleeping with) the weights
     last_swap_s: float | None = None
+    draining: bool = False  # evacuated: takes no new requests (stale routes)
     loaded_at: float = field(default_factory=time.time)
 
 
@@ -73,15 +74,20 @@ class EngineWorker:
 
     # ------------------------------------------------------------------ control
     async def load(self, spec: dict | ModelSpec, park: bool = False) -> dict:
-        """Load a model onto the device in a new engine shell.
+        """Load a model onto the device in an engine of its own: a vacant
+        same-family shell if one is left over, else a new engine.
 
         With ``park=True`` the model is only cached in host memory (state
         parked), ready for a fast ``swap``/``wake`` into a same-family shell.
-        Idempotent: loading a registered model returns its status.
+        Idempotent: loading a registered model returns its status (a parked
+        one is activated when ``park`` is false).
         """
         spec = spec if isinstance(spec, ModelSpec) else ModelSpec.model_validate(spec)
         async with self._control:
             if spec.name in self.models:
+                entry = self.models[spec.name]
+                if not park and entry.state == PARKED:
+                    return await self._wake(entry)
                 return self._model_status(spec.name)
             info = read_checkpoint(spec.path)
             spec = spec.resolved()
@@ -89,21 +95,14 @@ class EngineWorker:
                 self.cache.put(spec.name, spec.path)
                 self.models[spec.name] = ModelEntry(spec, info, PARKED)
                 return self._model_status(spec.name)
-            shell_id = f"shell{next(self._shell_ids)}"
-            self.memory.reserve(shell_id, _footprint(spec), f"loading {spec.name!r}")
-            self.models[spec.name] = ModelEntry(spec, info, LOADING, shell_id)
+            entry = self.models[spec.name] = ModelEntry(spec, info, PARKED)
             try:
                 self.cache.put(spec.name, spec.path)
-                shell = await EngineShell.start(shell_id, spec, info, self.sleep_mode,
-                                                eager=self.device.kind == "cpu")
+                return await self._activate(entry)
             except BaseException:
-                self.memory.release(shell_id)
                 self.models.pop(spec.name, None)
                 self.cache.drop(spec.name)
                 raise
-            self.shells[shell_id] = shell
-            self.models[spec.name].state = ACTIVE
-            return self._model_status(spec.name)
 
     async def swap(self, name: str, replace: str | None = None) -> dict:
         """Make parked model ``name`` active by swapping it into a shell in place.
@@ -146,18 +145,14 @@ class EngineWorker:
             return self._model_status(name)
 
     async def wake(self, name: str) -> dict:
-        """Parked -> active: ``wake_up`` on GPU, else a swap into a shell."""
+        """Parked -> active in an engine of its own: ``wake_up`` of its
+        sleeping engine on GPU, else a vacant shell or a new engine. It never
+        takes over another model's engine (that is ``swap``)."""
         async with self._control:
             entry = self._entry(name)
             if entry.state == ACTIVE:
                 return self._model_status(name)
-            shell = self.shells.get(entry.shell_id or "")
-            if shell is not None and shell.sleeping:
-                self.memory.reserve(shell.id, _footprint(entry.spec), f"waking {name!r}")
-                await shell.wake()
-                entry.state = ACTIVE
-                return self._model_status(name)
-            return await self._swap_into(self._shell_for(entry, None), entry)
+            return await self._wake(entry)
 
     async def unload(self, name: str) -> dict:
         """Remove a model: abort its requests, free its shell, drop its cache."""
@@ -170,9 +165,21 @@ class EngineWorker:
             shell = self.shells.get(entry.shell_id or "")
             if shell is not None and shell.resident in (name, None):
                 self._close_shell(shell)
+            for s in self.shells.values():  # its prepared copies (CPU fast swap)
+                await s.forget(name)
             self.cache.drop(name)
             del self.models[name]
             return {"name": name, "state": "unloaded", "aborted_requests": aborted}
+
+    async def evacuate(self, name: str) -> int:
+        """Hand ``name``'s in-flight requests back to their callers to resume
+        elsewhere (migration): each stream ends with a ``moved`` chunk. The
+        model takes no new requests afterwards; unload or park it next."""
+        async with self._control:
+            entry = self._entry(name)
+            entry.draining = True
+            return await self.requests.move_model(
+                name, lambda rid: self._abort_in_engine(entry, rid))
 
     async def drop_vacant_shells(self) -> int:
         """Shut down shells that hold no model, freeing their memory."""
@@ -245,6 +252,8 @@ class EngineWorker:
                        "host_cache_bytes": self.cache.total_bytes,
                        "sleep_mode": self.sleep_mode},
             "shells": {s.id: {"resident": s.resident, "sleeping": s.sleeping,
+                              "last_swap_path": s.last_swap_path,
+                              "prepared_bytes": s.prepared_bytes(),
                               # vLLM's own count: proves aborted requests are gone
                               "engine_unfinished": s.engine.get_num_unfinished_requests()}
                        for s in self.shells.values()},
@@ -265,8 +274,9 @@ class EngineWorker:
 
     def _serving(self, name: str) -> tuple[ModelEntry, EngineShell]:
         entry = self._entry(name)
-        if entry.state != ACTIVE:
-            raise ModelNotActiveError(f"model {name!r} is {entry.state} on device "
+        if entry.state != ACTIVE or entry.draining:
+            state = "draining" if entry.draining else entry.state
+            raise ModelNotActiveError(f"model {name!r} is {state} on device "
                                       f"{self.device.id!r}; wake or swap it in first")
         return entry, self.shells[entry.shell_id]
 
@@ -289,10 +299,10 @@ class EngineWorker:
                     f"of {replace!r} ({other.info.architecture}): tensor shapes or tokenizer differ")
             self._require_idle(other, "swap out")
             return shell
+        vacant = self._vacant_shell(sig)
+        if vacant is not None:
+            return vacant
         same = [s for s in self.shells.values() if s.swap_signature == sig and not s.sleeping]
-        for s in same:
-            if s.resident is None:
-                return s
         for s in same:
             if not self.requests.count(s.resident):
                 return s
@@ -302,6 +312,42 @@ class EngineWorker:
         raise IncompatibleModelError(
             f"no engine on device {self.device.id!r} shares the shapes and tokenizer of "
             f"{entry.spec.name!r} ({entry.info.architecture}); load it into a new engine instead")
+
+    async def _wake(self, entry: ModelEntry) -> dict:
+        shell = self.shells.get(entry.shell_id or "")
+        if shell is not None and shell.sleeping:
+            self.memory.reserve(shell.id, _footprint(entry.spec), f"waking {entry.spec.name!r}")
+            await shell.wake()
+            entry.state, entry.draining = ACTIVE, False
+            return self._model_status(entry.spec.name)
+        return await self._activate(entry)
+
+    async def _activate(self, entry: ModelEntry) -> dict:
+        """Parked -> active: into a vacant same-family shell if there is one
+        (component reuse: milliseconds), else a new engine (tens of seconds).
+        On failure the model is parked again and its reservation released."""
+        vacant = self._vacant_shell(entry.info.swap_signature)
+        if vacant is not None:
+            return await self._swap_into(vacant, entry)
+        shell_id = f"shell{next(self._shell_ids)}"
+        self.memory.reserve(shell_id, _footprint(entry.spec), f"loading {entry.spec.name!r}")
+        entry.state, entry.shell_id = LOADING, shell_id
+        try:
+            shell = await EngineShell.start(shell_id, entry.spec, entry.info, self.sleep_mode,
+                                            eager=self.device.kind == "cpu")
+        except BaseException:
+            self.memory.release(shell_id)
+            entry.state, entry.shell_id = PARKED, None
+            raise
+        self.shells[shell_id] = shell
+        entry.state, entry.draining = ACTIVE, False
+        return self._model_status(entry.spec.name)
+
+    def _vacant_shell(self, signature: str) -> EngineShell | None:
+        for s in self.shells.values():
+            if s.swap_signature == signature and s.resident is None and not s.sleeping:
+                return s
+        return None
 
     async def _swap_into(self, shell: EngineShell, entry: ModelEntry) -> dict:
         displaced = self.models.get(shell.resident or "")
@@ -314,7 +360,7 @@ class EngineWorker:
         except BaseException:
             entry.state = PARKED  # the shell is left vacant; its old model stays parked
             raise
-        entry.state, entry.shell_id = ACTIVE, shell.id
+        entry.state, entry.shell_id, entry.draining = ACTIVE, shell.id, False
         return self._model_status(entry.spec.name)
 
     async def _abort_in_engine(self, entry: ModelEntry, request_id: str) -> None:
@@ -333,7 +379,7 @@ class EngineWorker:
         return {"name": name, "state": e.state, "family": e.spec.family,
                 "architecture": e.info.architecture, "shell": e.shell_id,
                 "weights_bytes": e.spec.weights_bytes, "kv_cache_bytes": e.spec.kv_cache_bytes,
-                "running": counts["running"], "waiting": counts["waiting"],
+                "running": counts["running"], "waiting": counts["waiting"], "draining": e.draining,
                 "tokens_per_s": self.requests.tokens_per_s(name),
                 "last_swap_s": e.last_swap_s}
 

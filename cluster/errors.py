@@ -65,3 +65,28 @@ class RequestAbortedError(ShoalError):
     """An in-flight request ended by an unload or a worker shutdown."""
 
     status, code = 503, "request_aborted"
+
+
+class ServiceUnavailableError(ShoalError):
+    """Try again later; ``retry_after_s`` becomes the HTTP Retry-After header."""
+
+    status, code = 503, "service_unavailable"
+
+    def __init__(self, message: str, retry_after_s: float = 5.0):
+        super().__init__(message, retry_after_s)
+        self.retry_after_s = retry_after_s
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ColdStartQueueFullError(ServiceUnavailableError):
+    """Too many requests already wait for this model to load."""
+
+    code = "cold_start_queue_full"
+
+
+class LoadTimeoutError(ServiceUnavailableError):
+    """The model did not become active within the load timeout."""
+
+    code = "model_load_timeout"

@@ -28,6 +28,7 @@ class InflightRequest:
     sampling: dict[str, Any]  # user sampling params, max_tokens as asked
     first_token_at: float | None = None  # None while waiting for prefill
     abort_reason: str | None = None  # set when the worker ends the request
+    moved: bool = False  # evacuated: the caller resumes it on another engine
 
     def description(self) -> dict:
         """What ``resume`` needs to continue this request elsewhere."""
@@ -66,9 +67,21 @@ class RequestTracker:
 
     async def abort_model(self, model: str, abort: Callable, reason: str) -> int:
         """End every in-flight request of ``model``; their streams raise ``reason``."""
-        victims = [r for r in self.inflight.values() if r.model == model]
+        # Moved requests were handed back to their callers already.
+        victims = [r for r in self.inflight.values() if r.model == model and not r.moved]
         for r in victims:
             r.abort_reason = reason
+            res = abort(r.request_id)
+            if res is not None:
+                await res
+        return len(victims)
+
+    async def move_model(self, model: str, abort: Callable) -> int:
+        """Stop every in-flight request of ``model`` so its caller resumes it
+        elsewhere: each stream ends with a ``moved`` chunk instead of an error."""
+        victims = [r for r in self.inflight.values() if r.model == model]
+        for r in victims:
+            r.moved = True
             res = abort(r.request_id)
             if res is not None:
                 await res
@@ -110,9 +123,7 @@ async def run_stream(tracker: RequestTracker, shell, max_model_len: int,
     tracker.inflight[req.request_id] = req
     n_generated, finished = len(generated), False
     try:
-        async for out in shell.generate(ids, params, req.request_id):
-            if req.abort_reason:
-                break
+        async for out in _until_ended(shell.generate(ids, params, req.request_id), req):
             o = out.outputs[0]
             if req.first_token_at is None:
                 req.first_token_at = time.monotonic()
@@ -125,9 +136,31 @@ async def run_stream(tracker: RequestTracker, shell, max_model_len: int,
             first = {"num_generated": n_generated}
         if req.abort_reason:
             raise RequestAbortedError(f"request {req.request_id!r} aborted: {req.abort_reason}")
+        if req.moved and not finished:
+            # Tokens vLLM made after the last yielded chunk are dropped on
+            # purpose: the caller resumes from exactly what it has received.
+            yield {**first, "moved": True, "token_ids": [], "text": "", "finished": False,
+                   "finish_reason": None, "num_generated": n_generated}
     finally:
         tracker.inflight.pop(req.request_id, None)
         if not finished and not req.abort_reason:
             # The consumer left (cancel/close) or an error broke the stream:
             # make sure vLLM stops spending compute on it.
             await shell.abort(req.request_id)
+
+
+async def _until_ended(outputs: AsyncIterator, req: InflightRequest) -> AsyncIterator:
+    """vLLM outputs until the worker ends the request (moved or aborted).
+
+    After that, whatever the engine does next no longer matters: more output,
+    or an error because the engine was shut down while this stream waited
+    for a slow client.
+    """
+    try:
+        async for out in outputs:
+            if req.abort_reason or req.moved:
+                return
+            yield out
+    except Exception:
+        if not (req.abort_reason or req.moved):
+            raise

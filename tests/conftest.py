@@ -22,14 +22,35 @@ def tiny_models(tmp_path_factory):
     return make_test_models(tmp_path_factory.mktemp("models"), names)
 
 
+# The test cluster: a head node plus two nodes that declare different
+# accelerators (engines on them run vLLM on CPU: see
+# ``discovery.emulate_accelerators_on_cpu``). One Ray session serves the
+# whole suite, so engine tests and controller tests share it.
+ACCEL_NODES = {"A100": {"shoal-node-a100": 1}, "L4": {"shoal-node-l4": 1}}
+
+
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    for accel, extra in ACCEL_NODES.items():
+        cluster.add_node(num_cpus=0, num_gpus=1,
+                         resources={f"accelerator_type:{accel}": 1, **extra})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_cluster):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,94 @@
+"""Carries out one policy action against the engine workers.
+
+The order of steps is what keeps requests safe:
+
+- anything that takes a copy out of service first takes it out of the route
+  table, then *evacuates* it (in-flight streams end with a ``moved`` chunk and
+  their routers resume them on another copy), then parks or unloads it;
+- a migration is make-before-break: the target copy is active before the
+  routes switch, and only then does the source drain and unload. If the
+  target cannot be made, the source is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Awaitable, Callable
+
+from policies.actions import (Action, Load, Migrate, Park, RequestCapacity, ScaleIn, ScaleOut,
+                              Swap, Unload, Wake)
+
+log = logging.getLogger(__name__)
+
+
+class Actuator:
+    def __init__(self, worker: Callable[[str], object], spec: Callable[[str], dict],
+                 unroute: Callable[[str, str], Awaitable[None]],
+                 refresh: Callable[[], Awaitable[None]]):
+        self.worker = worker  # device id -> engine-worker actor handle
+        self.spec = spec  # model name -> ModelSpec as a dict
+        self.unroute = unroute  # take (model, device) out of the route table now
+        self.refresh = refresh  # re-read worker stats and publish routes
+        self.capacity_requests: list[dict] = []
+
+    async def run(self, a: Action) -> dict:
+        """Execute ``a``; returns what the worker reported (for the action log)."""
+        if isinstance(a, (Load, ScaleOut)):
+            park = isinstance(a, Load) and a.park
+            return await self.worker(a.device).load.remote(self.spec(a.model), park)
+        if isinstance(a, Wake):
+            return await self.worker(a.device).wake.remote(a.model)
+        if isinstance(a, Swap):
+            await self.unroute(a.replace, a.device)
+            return await self.worker(a.device).swap.remote(a.model, a.replace)
+        if isinstance(a, Park):
+            await self._take_out(a.model, a.device)
+            w = self.worker(a.device)
+            out = await w.park.remote(a.model)
+            await w.drop_vacant_shells.remote()  # the CPU shell's memory goes too
+            return out
+        if isinstance(a, (Unload, ScaleIn)):
+            moved = await self._take_out(a.model, a.device)
+            out = await self.worker(a.device).unload.remote(a.model)
+            return {**out, "moved_requests": moved}
+        if isinstance(a, Migrate):
+            return await self.migrate(a.model, a.source, a.target)
+        if isinstance(a, RequestCapacity):
+            return self.request_capacity(a)
+        raise TypeError(f"unknown action {a!r}")
+
+    async def migrate(self, model: str, source: str, target: str) -> dict:
+        src, dst = self.worker(source), self.worker(target)
+        models = (await dst.stats.remote())["models"]
+        if models.get(model, {}).get("state") == "parked":
+            made = await dst.wake.remote(model)
+        else:
+            made = await dst.load.remote(self.spec(model))
+        await self.refresh()  # routes now include the target copy
+        moved = await self._take_out(model, source)
+        await src.unload.remote(model)
+        return {"name": model, "source": source, "target": target,
+                "target_state": made["state"], "moved_requests": moved}
+
+    async def _take_out(self, model: str, device: str) -> int:
+        await self.unroute(model, device)
+        return await self.worker(device).evacuate.remote(model)
+
+    def request_capacity(self, a: RequestCapacity) -> dict:
+        """Ask Ray's autoscaler for a node that fits the model (a hint; a
+        cluster without an autoscaler just records it)."""
+        bundle: dict[str, float] = {"CPU": 1}
+        if a.accelerators:
+            bundle = {"GPU": 1, f"accelerator_type:{a.accelerators[0]}": 0.001}
+        elif a.vendors and "cpu" not in a.vendors:
+            bundle = {"GPU": 1}
+        req = {"for_model": a.for_model, "memory_bytes": a.memory_bytes, "bundle": bundle}
+        self.capacity_requests = [r for r in self.capacity_requests
+                                  if r["for_model"] != a.for_model] + [req]
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[r["bundle"] for r in self.capacity_requests])
+        except Exception as e:  # no autoscaler reachable: keep the record only
+            log.warning("request_resources failed: %s", e)
+        return req

@@ -1,0 +1,176 @@
+"""The front door's side of the data path: pick a copy, stream, follow moves.
+
+A ``Router`` caches the controller's versioned route table and streams each
+request straight from an engine worker (the controller is not on the token
+path). It remembers every token it has passed on, so when the copy goes
+away mid-stream it can continue the request elsewhere with the worker's
+``resume`` (re-prefill of prompt + generated tokens):
+
+- the worker evacuated the model (migration, scale-in, park): the stream
+  ends with a ``moved`` chunk;
+- the worker died: Ray raises ``RayActorError`` on the stream.
+
+Either way the client sees one stream with no duplicated and no missing
+tokens. After ``MAX_HOPS`` moves, or once the model cannot be made active
+again, the request fails with a clear error rather than hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cluster.errors import ModelNotActiveError, RequestAbortedError, UnknownModelError
+
+log = logging.getLogger(__name__)
+
+MAX_HOPS = 4
+ARRIVAL_FLUSH_S = 1.0  # how often arrivals served from cached routes reach the controller
+BACKPRESSURE = 4  # chunks a worker may run ahead of a slow client
+
+
+class Router:
+    def __init__(self, controller=None, resolve_timeout_s: float | None = None):
+        self._controller = controller
+        self.resolve_timeout_s = resolve_timeout_s
+        self.table: dict = {"version": -1, "routes": {}}
+        self._rr = itertools.count()
+        self._arrivals: dict[str, int] = {}
+        self._flushed_at = time.monotonic()
+        self.hops = 0  # requests continued on another copy (for stats and tests)
+
+    @property
+    def controller(self):
+        if self._controller is None:
+            from cluster.controller import get_controller
+            self._controller = get_controller()
+        return self._controller
+
+    async def stream(self, model: str, prompt: str | None = None,
+                     prompt_token_ids: list[int] | None = None,
+                     sampling: dict | None = None,
+                     request_id: str | None = None) -> AsyncIterator[dict]:
+        """Yield the request's chunks (see ``cluster.request_stream``)."""
+        request_id = request_id or uuid.uuid4().hex
+        desc: dict | None = None  # set by the first chunk: what resume needs
+        generated: list[int] = []
+        avoid: set[str] = set()
+        for hop in range(MAX_HOPS + 1):
+            device, worker = await self.pick(model, avoid, arrival=hop == 0)
+            if desc is None:
+                gen = worker.generate.options(
+                    num_returns="streaming", _generator_backpressure_num_objects=BACKPRESSURE,
+                ).remote(model, prompt, prompt_token_ids, sampling, request_id)
+            else:
+                gen = worker.resume.options(
+                    num_returns="streaming", _generator_backpressure_num_objects=BACKPRESSURE,
+                ).remote(desc, generated)
+            finished = False
+            try:
+                async for ref in gen:
+                    chunk = await ref
+                    desc = desc or chunk.get("request")
+                    if chunk.get("moved"):
+                        break
+                    generated.extend(chunk["token_ids"])
+                    finished = chunk["finished"]
+                    chunk["num_generated"] = len(generated)
+                    yield chunk
+                    if finished:
+                        return
+            except ModelNotActiveError:
+                # A stale route: the copy is draining or gone. Refresh below.
+                pass
+            except UnknownModelError:
+                pass
+            except Exception as e:
+                if not _is_actor_death(e):
+                    raise
+                log.warning("worker for %s on %s died mid-stream; resuming", model, device)
+                avoid.add(device)
+                await self._report_failure(device)
+            finally:
+                if not finished:
+                    _cancel(gen)  # the client left, or we moved on: stop that copy
+            self.hops += 1
+            await self.refresh(force=True)
+        raise RequestAbortedError(f"request {request_id!r} for {model!r} was moved "
+                                  f"{MAX_HOPS} times without finishing; giving up")
+
+    async def pick(self, model: str, avoid: set[str] = frozenset(),
+                   arrival: bool = True) -> tuple[str, Any]:
+        """A copy of ``model`` to send a request to, loading it if cold.
+
+        ``resolve`` counts its own arrivals; ones served from the cached
+        table are batched to the controller as demand."""
+        copies = [c for c in self.table["routes"].get(model, []) if c[0] not in avoid]
+        if copies and arrival:
+            self._note_arrival(model)
+        if not copies:
+            table = await _call(self.controller.resolve, model, self.resolve_timeout_s)
+            self._adopt(table)
+            copies = [c for c in self.table["routes"].get(model, []) if c[0] not in avoid] \
+                or self.table["routes"].get(model, [])
+            if not copies:
+                raise RequestAbortedError(f"model {model!r} has no active copy after loading")
+        device, worker = copies[next(self._rr) % len(copies)]
+        return device, worker
+
+    async def refresh(self, force: bool = False) -> None:
+        table = await _call(self.controller.route_table, -1 if force else self.table["version"])
+        self._adopt(table)
+        await self._flush_arrivals()
+
+    def _adopt(self, table: dict | None) -> None:
+        if table is not None and table["version"] >= self.table["version"]:
+            self.table = table
+
+    def _note_arrival(self, model: str) -> None:
+        self._arrivals[model] = self._arrivals.get(model, 0) + 1
+        if time.monotonic() - self._flushed_at >= ARRIVAL_FLUSH_S:
+            asyncio.ensure_future(self._flush_arrivals())
+
+    async def _flush_arrivals(self) -> None:
+        counts, self._arrivals = self._arrivals, {}
+        self._flushed_at = time.monotonic()
+        if counts:
+            self.controller.note_arrivals.remote(counts)  # fire and forget
+
+    async def _report_failure(self, device: str) -> None:
+        try:
+            await _call(self.controller.report_failure, device)
+        except Exception:  # the controller restarting: its health check will see it
+            log.exception("could not report the failure of %s", device)
+
+
+async def _call(method, *args, attempts: int = 10):
+    """Call the controller, riding out a restart of its actor."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    for i in range(attempts):
+        try:
+            return await method.remote(*args)
+        except (RayActorError, ActorUnavailableError):
+            if i == attempts - 1:
+                raise
+            await asyncio.sleep(0.5 * (i + 1))
+
+
+def _is_actor_death(e: BaseException) -> bool:
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    return isinstance(e, (RayActorError, ActorUnavailableError))
+
+
+def _cancel(gen) -> None:
+    import ray
+
+    try:
+        ray.cancel(gen)
+    except Exception:  # already finished or its actor is dead
+        pass

@@ -1,0 +1,199 @@
+"""How a model with no active copy gets one: a ladder, cheapest step first.
+
+1. swap  - it is parked where a same-family model sits idle: an in-place
+           weight swap (milliseconds, no new engine);
+2. wake  - it is parked on a device with room: the weights are already in
+           that node's host memory;
+3. park-load + swap - a same-family model sits idle on an allowed device:
+           stage the weights in its host cache, then swap in place. This is
+           how cold families end up co-located on one engine;
+4. load  - some allowed device has room: a new engine on the best one.
+           Hot or big models (``fast``) take this step before step 3: they
+           want an engine of their own, cold ones would rather share one
+           than start an engine and hold another device's memory;
+5. evict - make room on one device by taking out less-wanted idle models;
+6. ask   - RequestCapacity: nothing here may give way (only when the
+           caller says the need is urgent: requests waiting, a hot model,
+           or min_replicas unmet).
+
+Steps 1, 3 and 5 only ever displace an idle copy (nothing in flight on it,
+nothing queued for its model) of an unpinned model above its
+``min_replicas``, and one whose ``demand_key`` is strictly lower than the
+requester's. A strict order on a steady demand means displacement cannot
+cycle. One exception, on purpose: a requester with requests waiting may
+swap out any idle cold same-family model (steps 1 and 3), or evict any idle
+cold copy (step 5): a model with requests waiting is never starved by an
+idle one. That is Shoal's
+time-sharing: a swap costs milliseconds, and the model swapped out rests
+parked beside the engine, one swap from coming back when its own requests
+arrive, so it has nothing to do until then (no cycle under steady demand).
+
+Evicted copies are parked when their model still has any demand (it is
+likely back soon, and from host memory the return is a wake or a swap, not a
+disk read) and unloaded when it has none (nothing worth keeping warm).
+"""
+
+from __future__ import annotations
+
+from policies.actions import Action, Load, Park, RequestCapacity, Swap, Unload, Wake
+from policies.choose import hosts_family, in_memory, is_empty, leftover
+from policies.classify import Heat, demand_key, eviction_order, has_demand
+from policies.plan import Planner
+from policies.view import ACTIVE, PARKED, ClusterView, DeviceView, ModelView
+
+
+def device_key(view: ClusterView, m: ModelView, d: DeviceView, fast: bool,
+               hot_devices: frozenset[str]) -> tuple:
+    """Where ``m`` would rather go, smallest first.
+
+    Hot or big models (``fast``): an empty device, the fastest, then the
+    tightest fit. Cold small ones: away from hot models (which want their
+    device to themselves), the cheapest, next to their family (later swaps
+    are in place), then the tightest fit (bin packing).
+    """
+    if fast:
+        return (not is_empty(view, d.id), -d.speed, leftover(view, m, d), d.cost_per_hour, d.id)
+    return (d.id in hot_devices, d.cost_per_hour, not hosts_family(view, m, d),
+            leftover(view, m, d), d.id)
+
+
+def may_displace(view: ClusterView, m: ModelView, victim: ModelView, device: str,
+                 outranked: bool = True) -> bool:
+    """May ``m`` take ``victim``'s active copy on ``device`` out of service?
+    Only an idle copy (nothing in flight on it, nothing queued for its model)
+    of an unpinned model above its ``min_replicas``, and (``outranked``) only
+    if the victim is strictly less wanted."""
+    p = victim.placement(device)
+    return (victim.name != m.name and not victim.pinned
+            and p is not None and p.state == ACTIVE and p.inflight == 0
+            and view.demand_of(victim.name).queue == 0
+            and len(victim.on(ACTIVE)) > victim.min_replicas
+            and (not outranked or demand_key(view, victim.name) < demand_key(view, m.name)))
+
+
+def acquire(plan: Planner, m: ModelView, heat: Heat, fast: bool, ask: bool = True) -> None:
+    """Give ``m`` (which has no copy in memory) an active copy; failing that,
+    ask for capacity if ``ask`` (the caller says whether the need is urgent).
+    ``fast``: order devices for a hot or big model."""
+    ladder = (_swap, _wake, _load, _load_and_swap, _evict) if fast \
+        else (_swap, _wake, _load_and_swap, _load, _evict)
+    for step in ladder:
+        if step(plan, m, heat, fast):
+            return
+    if ask:
+        plan.do(capacity_request(m, "no device can take it and nothing may give way"))
+
+
+def capacity_request(m: ModelView, why: str) -> RequestCapacity:
+    return RequestCapacity(m.footprint, m.allowed_vendors, m.allowed_accelerators, m.name,
+                           reason=f"{m.name}: {why}")
+
+
+def _swap_partner(view: ClusterView, m: ModelView, d: DeviceView,
+                  heat: Heat) -> ModelView | None:
+    """The least wanted same-family model ``m`` may swap out on ``d``: one
+    whose engine is big enough (a family may vary in KV reservation) and
+    that is less wanted, or any idle cold one if ``m`` has requests waiting."""
+    free = view.free_bytes(d.id)
+    waiting = view.demand_of(m.name).queue > 0
+    partners = [r for r in in_memory(view, d.id)
+                if r.family == m.family and free + r.footprint >= m.footprint
+                and may_displace(view, m, r, d.id, outranked=not waiting or r.name in heat.hot)]
+    return min(partners, key=lambda r: eviction_order(view, r.name), default=None)
+
+
+def _allowed(view: ClusterView, m: ModelView, heat: Heat, fast: bool, pred) -> list[DeviceView]:
+    """Devices ``m`` may use that satisfy ``pred``, best first."""
+    hot = heat.hot_devices(view)
+    ds = [d for d in view.devices if m.allowed_on(d) and pred(d)]
+    return sorted(ds, key=lambda d: device_key(view, m, d, fast, hot))
+
+
+def _swap(plan: Planner, m: ModelView, heat: Heat, fast: bool) -> bool:
+    parked = set(m.on(PARKED))
+    for d in _allowed(plan.view, m, heat, fast, lambda d: d.id in parked):
+        r = _swap_partner(plan.view, m, d, heat)
+        if r is not None:
+            plan.do(Swap(m.name, d.id, r.name,
+                         reason=f"{m.name} wanted; {r.name} idle in a same-family engine"))
+            return True
+    return False
+
+
+def _wake(plan: Planner, m: ModelView, heat: Heat, fast: bool) -> bool:
+    parked = set(m.on(PARKED))
+    room = plan.view.free_bytes
+    for d in _allowed(plan.view, m, heat, fast,
+                      lambda d: d.id in parked and room(d.id) >= m.footprint):
+        plan.do(Wake(m.name, d.id, reason=f"{m.name} wanted; parked on a device with room"))
+        return True
+    return False
+
+
+def _load(plan: Planner, m: ModelView, heat: Heat, fast: bool) -> bool:
+    room = plan.view.free_bytes
+    for d in _allowed(plan.view, m, heat, fast,
+                      lambda d: m.placement(d.id) is None and room(d.id) >= m.footprint):
+        plan.do(Load(m.name, d.id, reason=f"{m.name} wanted; room on {d.id}"))
+        return True
+    return False
+
+
+def _load_and_swap(plan: Planner, m: ModelView, heat: Heat, fast: bool) -> bool:
+    for d in _allowed(plan.view, m, heat, fast, lambda d: m.placement(d.id) is None):
+        r = _swap_partner(plan.view, m, d, heat)
+        if r is not None:
+            why = f"{m.name} wanted; co-locate with its family, {r.name} idle"
+            plan.do(Load(m.name, d.id, park=True, reason=why),
+                    Swap(m.name, d.id, r.name, reason=why))
+            return True
+    return False
+
+
+def _evict(plan: Planner, m: ModelView, heat: Heat, fast: bool) -> bool:
+    view, hot = plan.view, heat.hot_devices(plan.view)
+    best: tuple | None = None
+    for d in view.devices:
+        p = m.placement(d.id)
+        if not m.allowed_on(d) or (p is not None and p.state != PARKED):
+            continue
+        victims = _victims_on(view, m, d, heat.hot)
+        if victims is not None:
+            worst = max(eviction_order(view, v.name) for v in victims)
+            key = (worst, len(victims), device_key(view, m, d, fast, hot))
+            if best is None or key < best[0]:
+                best = (key, d, victims)
+    if best is None:
+        return False
+    _, d, victims = best
+    actions: list[Action] = []
+    for v in victims:
+        why = f"make room for {m.name}, which is wanted more"
+        keep = has_demand(view.demand_of(v.name))
+        actions.append(Park(v.name, d.id, reason=why) if keep else Unload(v.name, d.id, reason=why))
+    if m.placement(d.id) is not None:
+        actions.append(Wake(m.name, d.id, reason=f"{m.name} wanted; room made"))
+    else:
+        actions.append(Load(m.name, d.id, reason=f"{m.name} wanted; room made"))
+    plan.do(*actions)
+    return True
+
+
+def _victims_on(view: ClusterView, m: ModelView, d: DeviceView,
+                hot: frozenset[str]) -> list[ModelView] | None:
+    """The least-wanted models on ``d``, taken in eviction order until ``m``
+    fits, or None if even all of them would not make room."""
+    need = m.footprint - view.free_bytes(d.id)
+    chosen: list[ModelView] = []
+    # Requests waiting outrank an idle cold copy: otherwise a model with a
+    # long history could starve a newcomer for ever. Otherwise (and for hot
+    # victims) only a strictly less-wanted model gives way: no ping-pong.
+    waiting = view.demand_of(m.name).queue > 0
+    candidates = [v for v in in_memory(view, d.id)
+                  if may_displace(view, m, v, d.id, outranked=not waiting or v.name in hot)]
+    for v in sorted(candidates, key=lambda v: eviction_order(view, v.name)):
+        if need <= 0:
+            break
+        chosen.append(v)
+        need -= v.footprint
+    return chosen if need <= 0 and chosen else None
