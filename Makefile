@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
+	$(BIN)/shoal up --demo
 	$(BIN)/shoal demo
 
 test: install

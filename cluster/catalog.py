@@ -185,7 +185,8 @@ def load_catalog(source: str | Path | dict) -> Catalog:
             raw = yaml.safe_load(p.read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
             raise CatalogError(f"cannot read catalog {p}: {e}") from e
-        base, where = p.parent, str(p)
+        # Absolute: engine workers run with another working directory.
+        base, where = p.parent.resolve(), str(p)
     try:
         cat = Catalog.model_validate(raw)
     except ValidationError as e:

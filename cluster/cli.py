@@ -29,7 +29,30 @@ def _bench(args) -> int:
 def _demo(args) -> int:
     from cluster.demo import run_demo
 
-    run_demo()
+    run_demo(args.url)
+    return 0
+
+
+def _up(args) -> int:
+    from cluster.lifecycle import up
+
+    url = up(args.config, args.port, args.demo, host=args.host)
+    print(f"Shoal is up: {url}/v1 (OpenAI API), {url}/admin/status, {url}/metrics")
+    print("stop it with: shoal down")
+    return 0
+
+
+def _down(args) -> int:
+    from cluster.lifecycle import down
+
+    down()
+    return 0
+
+
+def _status(args) -> int:
+    from cluster.lifecycle import status
+
+    print(status())
     return 0
 
 
@@ -49,7 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--swaps", type=int, default=10)
     b.set_defaults(fn=_bench)
 
-    d = sub.add_parser("demo", help="engine-worker demo on a local Ray (make run)")
+    u = sub.add_parser("up", help="start the controller and the OpenAI front door")
+    u.add_argument("--config", default="ray_configs/models.yaml", help="model catalog")
+    u.add_argument("--port", type=int, default=8000)
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--demo", action="store_true",
+                   help="generate the tiny models the catalog names (no hub needed)")
+    u.set_defaults(fn=_up)
+    sub.add_parser("down", help="stop what `shoal up` started").set_defaults(fn=_down)
+    sub.add_parser("status", help="devices and models, as tables").set_defaults(fn=_status)
+
+    d = sub.add_parser("demo", help="a few openai-client requests against `shoal up`")
+    d.add_argument("--url", default="http://127.0.0.1:8000")
     d.set_defaults(fn=_demo)
 
     args = p.parse_args(argv)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 from cluster.actuator import Actuator
@@ -38,6 +38,7 @@ NAMESPACE = "shoal"
 CONTROLLER_NAME = "shoal-controller"
 WORKER_PREFIX = "shoal-worker:"
 RPC_TIMEOUT_S = 10.0  # a worker that cannot answer stats() this fast is presumed dead
+SWAP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, float("inf"))
 
 
 def worker_actor_name(device_id: str) -> str:
@@ -63,6 +64,9 @@ class PlacementController:
         self.displaced: set[str] = set()  # lost with a dead worker, to re-place
         self.problems: dict[str, str] = {}  # model -> why it could not be placed
         self.log: deque[dict] = deque(maxlen=200)  # recent actions
+        self.action_counts: Counter[str] = Counter()  # "model|kind" -> executed actions
+        self.swap_hist = [0] * len(SWAP_BUCKETS_S)  # cumulative, Prometheus style
+        self.swap_sum_s = 0.0
         self.actuator = Actuator(self._worker, self._spec_dict, self._unroute, self._poll)
         self._lock = asyncio.Lock()  # one reconcile (decide + execute) at a time
         self._kick = asyncio.Event()
@@ -181,6 +185,14 @@ class PlacementController:
                 "replicas": len(self.routes.get(model, [])), "queue": d.queue,
                 "inflight": d.inflight, "rate": round(d.rate, 4),
                 "problem": self.problems.get(model)}
+
+    def metrics(self) -> dict:
+        """Control-plane numbers for the front door's /metrics."""
+        return {"queue": {m: len(self.waiters.get(m, [])) for m in sorted(self.specs)},
+                "actions": dict(self.action_counts),
+                "swap_seconds": {"buckets": list(zip(SWAP_BUCKETS_S, self.swap_hist)),
+                                 "sum": self.swap_sum_s},
+                "devices": [self._device_status(d) for d in sorted(self.devices)]}
 
     async def shutdown_cluster(self) -> None:
         """Stop every engine worker (``shoal down``); the controller goes next."""
@@ -336,8 +348,22 @@ class PlacementController:
                 if isinstance(res, ShoalError) and res.status == 400:
                     self._fail_waiters(model, res)  # a bad checkpoint will not get better
             log.warning("action %r failed: %s", a, rec["error"])
+        else:
+            self._count(a, res)
         self.log.append(rec)
         return rec
+
+    def _count(self, a, res) -> None:
+        kind = _KIND.get(type(a).__name__, type(a).__name__.lower())
+        if kind in ("park", "unload") and a.reason.startswith("make room"):
+            kind = "evict"
+        model = getattr(a, "model", None) or getattr(a, "for_model", "")
+        self.action_counts[f"{model}|{kind}"] += 1
+        swap_s = res.get("last_swap_s") if kind == "swap" and isinstance(res, dict) else None
+        if swap_s is not None:
+            self.swap_sum_s += swap_s
+            for i, bound in enumerate(SWAP_BUCKETS_S):
+                self.swap_hist[i] += swap_s <= bound
 
     def _fail_waiters(self, model: str, err: Exception) -> None:
         for fut in self.waiters.get(model, []):
@@ -373,6 +399,11 @@ class PlacementController:
                 "memory_used_bytes": s.get("memory_used_bytes"),
                 "memory_budget_bytes": d.memory_bytes,
                 "models": sorted(self.stats.get(dev, {}).get("models", {}))}
+
+
+_KIND = {"Load": "load", "ScaleOut": "load", "Wake": "load", "Swap": "swap",
+         "Migrate": "migrate", "Park": "park", "Unload": "unload", "ScaleIn": "unload",
+         "RequestCapacity": "capacity_request"}
 
 
 def _devices_of(a) -> set[str]:

@@ -45,6 +45,7 @@ from cluster.weight_cache import HostWeightCache
 log = logging.getLogger(__name__)
 
 LOADING, ACTIVE, PARKED, UNLOADING = "loading", "active", "parked", "unloading"
+DRAIN_S = 60.0  # how long an evacuation waits for requests that cannot move
 
 
 @dataclass
@@ -171,15 +172,23 @@ class EngineWorker:
             del self.models[name]
             return {"name": name, "state": "unloaded", "aborted_requests": aborted}
 
-    async def evacuate(self, name: str) -> int:
+    async def evacuate(self, name: str, drain_s: float = DRAIN_S) -> int:
         """Hand ``name``'s in-flight requests back to their callers to resume
         elsewhere (migration): each stream ends with a ``moved`` chunk. The
-        model takes no new requests afterwards; unload or park it next."""
+        model takes no new requests afterwards; unload or park it next.
+
+        OpenAI-layer requests cannot move (vLLM's serving state is here):
+        they get up to ``drain_s`` to finish; unload then ends the rest with
+        a clear error."""
         async with self._control:
             entry = self._entry(name)
             entry.draining = True
-            return await self.requests.move_model(
+            moved = await self.requests.move_model(
                 name, lambda rid: self._abort_in_engine(entry, rid))
+            deadline = time.monotonic() + drain_s
+            while self.requests.count(name) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return moved
 
     async def drop_vacant_shells(self) -> int:
         """Shut down shells that hold no model, freeing their memory."""
@@ -214,6 +223,15 @@ class EngineWorker:
         req = InflightRequest(request_id or uuid.uuid4().hex, model, ids, dict(sampling or {}))
         async for chunk in run_stream(self.requests, shell, entry.spec.max_model_len, req, []):
             yield chunk
+
+    async def openai(self, kind: str, body: dict) -> AsyncIterator[dict | str]:
+        """One OpenAI request (``kind``: "chat" or "completions") through
+        vLLM's own serving layer next to the model's engine; see
+        ``cluster/openai_serving.py`` for what is yielded."""
+        entry, shell = self._serving(str(body.get("model")))
+        serving = await shell.openai(entry.spec.name, entry.spec.path)
+        async for item in serving.handle(self.requests, entry.spec.name, kind, body):
+            yield item
 
     async def resume(self, request: dict, generated_token_ids: list[int]) -> AsyncIterator[dict]:
         """Continue a request from a token prefix by re-prefilling it.

@@ -90,3 +90,12 @@ class LoadTimeoutError(ServiceUnavailableError):
     """The model did not become active within the load timeout."""
 
     code = "model_load_timeout"
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The original error inside Ray's wrappers (an actor error raised
+    through another actor arrives as a RayTaskError around a RayTaskError)."""
+    seen = 0
+    while getattr(e, "cause", None) is not None and seen < 8:
+        e, seen = e.cause, seen + 1
+    return e

@@ -29,6 +29,7 @@ class InflightRequest:
     first_token_at: float | None = None  # None while waiting for prefill
     abort_reason: str | None = None  # set when the worker ends the request
     moved: bool = False  # evacuated: the caller resumes it on another engine
+    resumable: bool = True  # False: vLLM's OpenAI layer holds its state (drained, not moved)
 
     def description(self) -> dict:
         """What ``resume`` needs to continue this request elsewhere."""
@@ -79,7 +80,7 @@ class RequestTracker:
     async def move_model(self, model: str, abort: Callable) -> int:
         """Stop every in-flight request of ``model`` so its caller resumes it
         elsewhere: each stream ends with a ``moved`` chunk instead of an error."""
-        victims = [r for r in self.inflight.values() if r.model == model]
+        victims = [r for r in self.inflight.values() if r.model == model and r.resumable]
         for r in victims:
             r.moved = True
             res = abort(r.request_id)

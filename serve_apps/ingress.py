@@ -1,0 +1,200 @@
+"""The front door: one Ray Serve deployment, every catalog model behind it.
+
+It stays thin. For an OpenAI request it reads only ``model`` from the body,
+finds an active copy through the ``Router`` (a cold model waits in the
+controller's bounded queue), and relays what vLLM's own OpenAI serving layer
+produces next to that engine (``cluster/openai_serving.py``). Errors use
+vLLM's OpenAI error shape; ``Retry-After`` accompanies every 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from ray import serve
+
+from cluster.catalog import Catalog
+from cluster.controller import get_or_create_controller
+from cluster.errors import (BadRequestError, ModelNotActiveError, ServiceUnavailableError,
+                            ShoalError, UnknownModelError, root_cause)
+from cluster.openai_serving import CHAT, COMPLETIONS, error_body
+from cluster.router import MAX_HOPS, Router, _cancel, _is_actor_death
+from serve_apps.metrics import FrontDoorMetrics
+from serve_apps.rate_limit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+app = FastAPI(title="Shoal", description="Every catalog model behind one OpenAI endpoint")
+
+
+def error_response(e: Exception) -> JSONResponse:
+    """A ShoalError (or any exception) as an OpenAI-shaped JSON error."""
+    e = root_cause(e)
+    status = getattr(e, "status", 500)
+    headers = {}
+    if isinstance(e, ServiceUnavailableError):
+        headers["Retry-After"] = str(max(1, round(e.retry_after_s)))
+    code = getattr(e, "code", "internal_error")
+    return JSONResponse(error_body(str(e), status, code), status_code=status, headers=headers)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.ingress(app)
+class ShoalIngress:
+    def __init__(self, catalog: dict, admin_key: str | None = None,
+                 rate_limit_rps: float | None = None):
+        self.catalog = Catalog.model_validate(catalog)
+        self.specs = {m.name: m for m in self.catalog.models}
+        self.controller = get_or_create_controller(self.catalog)
+        self.router = Router(self.controller)
+        self.admin_key = admin_key or os.environ.get("SHOAL_ADMIN_KEY") or None
+        self.limiter = RateLimiter(rate_limit_rps)
+        self.metrics = FrontDoorMetrics()
+
+    # ------------------------------------------------------------ OpenAI
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._openai(CHAT, request)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._openai(COMPLETIONS, request)
+
+    @app.get("/v1/models")
+    async def models(self):
+        from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList
+
+        status = await self.controller.status.remote()
+        by_name = {m["name"]: m for m in status["models"]}
+        cards = [ModelCard(id=m.name, owned_by="shoal", root=m.path,
+                           max_model_len=m.max_model_len, family=m.family,
+                           state=by_name.get(m.name, {}).get("state", "cold"),
+                           devices=by_name.get(m.name, {}).get("devices", {}))
+                 for m in self.catalog.models]
+        return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
+
+    async def _openai(self, kind: str, request: Request):
+        t0 = time.monotonic()
+        try:
+            body = await request.json()
+        except Exception:
+            return error_response(BadRequestError("request body is not valid JSON"))
+        model = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(model, str):
+            return error_response(BadRequestError("'model' is required and must be a string"))
+        if model not in self.specs:
+            return error_response(UnknownModelError(
+                f"model {model!r} is not in the catalog; GET /v1/models lists them"))
+        limited = self.limiter.check(model)
+        if limited is not None:
+            return limited
+        try:
+            gen, first = await self._start(model, kind, body)
+        except ShoalError as e:
+            self.metrics.request_failed(model, e)
+            return error_response(e)
+        if not first.get("stream"):
+            self.metrics.request_done(model, first["status"], t0, [time.monotonic()])
+            return JSONResponse(first["body"], status_code=first["status"])
+        return StreamingResponse(self._relay(gen, model, t0), media_type="text/event-stream")
+
+    async def _start(self, model: str, kind: str, body: dict) -> tuple[Any, dict]:
+        """Open the request on an active copy; retry a stale route or a dead worker."""
+        avoid: set[str] = set()
+        for _ in range(MAX_HOPS):
+            device, worker = await self.router.pick(model, avoid)
+            gen = worker.openai.options(num_returns="streaming").remote(kind, body)
+            try:
+                return gen, await (await gen.__anext__())
+            except (ModelNotActiveError, UnknownModelError):
+                pass  # the copy is draining or gone: refresh and try another
+            except Exception as e:
+                if not _is_actor_death(e):
+                    raise
+                avoid.add(device)
+                await self.controller.report_failure.remote(device)
+            await self.router.refresh(force=True)
+        raise ServiceUnavailableError(f"no copy of {model!r} accepted the request; retry")
+
+    async def _relay(self, gen, model: str, t0: float):
+        """Pass vLLM's SSE strings through; a client that leaves cancels the
+        Ray stream, which aborts the request inside vLLM."""
+        stamps: list[float] = []
+        finished = False
+        try:
+            async for ref in gen:
+                sse = await ref
+                stamps.append(time.monotonic())
+                yield sse
+            finished = True
+        except Exception as e:  # the worker died mid-stream: end with an error event
+            from cluster.openai_serving import sse_error
+
+            yield sse_error(f"stream interrupted: {e}", 503)
+        finally:
+            if not finished:
+                _cancel(gen)
+            self.metrics.request_done(model, 200 if finished else 499, t0, stamps,
+                                      self.specs[model].slo)
+
+    # ------------------------------------------------------- health, metrics
+    @app.get("/health")
+    async def health(self):
+        try:
+            await asyncio.wait_for(self.controller.ping.remote(), 5)
+        except Exception as e:
+            return JSONResponse({"status": "unhealthy", "error": str(e)}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics_text(self):
+        snapshot = await self.controller.metrics.remote()
+        return PlainTextResponse(self.metrics.render(snapshot),
+                                 media_type="text/plain; version=0.0.4")
+
+    # ----------------------------------------------------------------- admin
+    @app.get("/admin/status")
+    async def admin_status(self, request: Request):
+        return await self._admin(request, self.controller.status)
+
+    @app.post("/admin/models/{name}/load")
+    async def admin_load(self, name: str, request: Request):
+        device = (await _json_or_empty(request)).get("device")
+        return await self._admin(request, self.controller.load, name, device, model=name)
+
+    @app.post("/admin/models/{name}/unload")
+    async def admin_unload(self, name: str, request: Request):
+        return await self._admin(request, self.controller.unload, name, model=name)
+
+    @app.post("/admin/models/{name}/migrate")
+    async def admin_migrate(self, name: str, request: Request):
+        device = (await _json_or_empty(request)).get("device")
+        if not isinstance(device, str):
+            return error_response(BadRequestError('body must be {"device": "<device id>"}'))
+        return await self._admin(request, self.controller.migrate, name, device, model=name)
+
+    async def _admin(self, request: Request, method, *args, model: str | None = None):
+        """Check the bearer key (when one is configured), then call the controller."""
+        if self.admin_key and request.headers.get("authorization") != f"Bearer {self.admin_key}":
+            return JSONResponse(error_body("admin routes need 'Authorization: Bearer <key>'",
+                                           401, "unauthorized"), status_code=401)
+        if model is not None and model not in self.specs:
+            return error_response(UnknownModelError(f"model {model!r} is not in the catalog"))
+        try:
+            return JSONResponse(await method.remote(*args))
+        except ShoalError as e:
+            return error_response(e)
+
+
+async def _json_or_empty(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except Exception:
+        return {}
+    return body if isinstance(body, dict) else {}
