@@ -50,6 +50,9 @@ class ModelSpec(_Strict):
     min_replicas: int = Field(0, ge=0)
     max_replicas: int = Field(1, ge=1)
     pinned: bool = Field(False, description="never evicted or migrated by policy")
+    # How long a request waits for this model to load; None = the
+    # controller's load_timeout_s (big models take longer than small ones).
+    load_timeout_s: float | None = Field(None, gt=0)
 
     @field_validator("allowed_vendors")
     @classmethod

@@ -24,8 +24,8 @@ from cluster.actuator import Actuator
 from cluster.catalog import Catalog, ModelSpec
 from cluster.device import DeviceSpec
 from cluster.discovery import discover_devices
-from cluster.errors import (ColdStartQueueFullError, LoadTimeoutError, ShoalError,
-                            UnknownModelError)
+from cluster.errors import (ColdStartQueueFullError, LoadTimeoutError, ModelNotActiveError,
+                            ShoalError, UnknownModelError, root_cause)
 from cluster.view_builder import build_view
 from policies import make_policy
 from policies.actions import Migrate
@@ -90,7 +90,7 @@ class PlacementController:
         fut = asyncio.get_running_loop().create_future()
         waiting.append(fut)
         self._kick.set()
-        timeout = timeout_s or self.cfg.load_timeout_s
+        timeout = timeout_s or spec.load_timeout_s or self.cfg.load_timeout_s
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:
@@ -139,7 +139,8 @@ class PlacementController:
         # A use without an arrival: the idle timer starts now, so the policy
         # keeps the copy for idle_unload_s even if no request comes.
         self.demand.observe(model, time.time(), 0)
-        await self._execute_now([Load(model, self._device(device).id, reason="admin")])
+        dev = self._device(device).id
+        await self._execute_now(lambda: [Load(model, dev, reason="admin")])
         return self.model_status(model)
 
     async def unload(self, model: str) -> dict:
@@ -149,18 +150,22 @@ class PlacementController:
         from policies.actions import Unload
         self.demand.forget(model)
         self.displaced.discard(model)
-        copies = [d for d, s in self.stats.items() if model in s["models"]]
-        await self._execute_now([Unload(model, d, reason="admin") for d in copies])
+        await self._execute_now(lambda: [Unload(model, d, reason="admin")
+                                         for d, s in self.stats.items() if model in s["models"]])
         return self.model_status(model)
 
     async def migrate(self, model: str, target: str, source: str | None = None) -> dict:
         self._spec(model)
         self._device(target)
-        active = [d for d in self.routes.get(model, []) if d != target]
-        source = source or (active[0] if active else None)
-        if source is None:
-            raise ShoalError(f"model {model!r} has no active copy to migrate")
-        await self._execute_now([Migrate(model, source, target, reason="admin")])
+
+        def plan() -> list:
+            active = [d for d in self.routes.get(model, []) if d != target]
+            src = source or (active[0] if active else None)
+            if src is None:
+                raise ModelNotActiveError(f"model {model!r} has no active copy to migrate "
+                                          f"(other than on {target!r})")
+            return [Migrate(model, src, target, reason="admin")]
+        await self._execute_now(plan)
         return self.model_status(model)
 
     async def status(self) -> dict:
@@ -309,15 +314,18 @@ class PlacementController:
             view = build_view(self.devices, self.stats, self.specs,
                               {m: self._demand(m, now) for m in self.specs})
             actions = self.policy.decide(view, now)
-            return await self._execute(actions)
+            done = await self._execute(actions)
+            return [{k: v for k, v in d.items() if k != "exception"} for d in done]
 
-    async def _execute_now(self, actions: list) -> list[dict]:
+    async def _execute_now(self, plan) -> list[dict]:
+        """Admin actions: planned from fresh stats under the reconcile lock
+        (so a policy action that just moved the model is seen), then run."""
         async with self._lock:
             await self._poll()
-            done = await self._execute(actions)
+            done = await self._execute(plan())
         failed = [d for d in done if "error" in d]
         if failed:
-            raise ShoalError(f"{failed[0]['action']} failed: {failed[0]['error']}")
+            raise failed[0]["exception"]
         return done
 
     async def _execute(self, actions: list) -> list[dict]:
@@ -341,6 +349,7 @@ class PlacementController:
     def _record(self, a, res) -> dict:
         rec = {"at": time.time(), "action": repr(a), "reason": a.reason}
         if isinstance(res, BaseException):
+            res = root_cause(res)
             rec["error"] = f"{type(res).__name__}: {res}"
             model = getattr(a, "model", None) or getattr(a, "for_model", None)
             if model:
@@ -351,7 +360,7 @@ class PlacementController:
         else:
             self._count(a, res)
         self.log.append(rec)
-        return rec
+        return {**rec, "exception": res} if "error" in rec else rec
 
     def _count(self, a, res) -> None:
         kind = _KIND.get(type(a).__name__, type(a).__name__.lower())

@@ -230,6 +230,10 @@ class EngineWorker:
         ``cluster/openai_serving.py`` for what is yielded."""
         entry, shell = self._serving(str(body.get("model")))
         serving = await shell.openai(entry.spec.name, entry.spec.path)
+        if self._serving(entry.spec.name)[1] is not shell:  # swapped out meanwhile
+            raise ModelNotActiveError(f"model {entry.spec.name!r} left its engine; retry")
+        # No await from here until ``handle`` has registered the request, so
+        # a swap (which needs the model idle) cannot slip in between.
         async for item in serving.handle(self.requests, entry.spec.name, kind, body):
             yield item
 

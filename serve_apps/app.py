@@ -7,7 +7,8 @@ App arguments (``args:`` in ``ray_configs/serve.yaml``):
 - ``make_tiny_models``: generate the tiny test checkpoints a catalog entry
   points at when its path is missing (demos and CI; no model hub needed);
 - ``admin_key``: bearer key for ``/admin/*`` (or env ``SHOAL_ADMIN_KEY``);
-- ``rate_limit_rps``: per-model request rate limit (off by default).
+- ``rate_limit_rps``: request rate limit for every model (off by default);
+  ``rate_limits``: ``{model: requests/s}`` for some models.
 """
 
 from __future__ import annotations
@@ -51,4 +52,4 @@ def build_app(args: dict[str, Any] | None = None):
     args = dict(args or {})
     catalog = load_app_catalog(args)
     return ShoalIngress.bind(catalog.model_dump(mode="json"), args.get("admin_key"),
-                             args.get("rate_limit_rps"))
+                             args.get("rate_limit_rps"), args.get("rate_limits"))

@@ -25,6 +25,7 @@ from cluster.errors import (BadRequestError, ModelNotActiveError, ServiceUnavail
                             ShoalError, UnknownModelError, root_cause)
 from cluster.openai_serving import CHAT, COMPLETIONS, error_body
 from cluster.router import MAX_HOPS, Router, _cancel, _is_actor_death
+from serve_apps.grpc_service import ShoalGrpcMixin
 from serve_apps.metrics import FrontDoorMetrics
 from serve_apps.rate_limit import RateLimiter
 
@@ -44,17 +45,29 @@ def error_response(e: Exception) -> JSONResponse:
     return JSONResponse(error_body(str(e), status, code), status_code=status, headers=headers)
 
 
+async def _json_or_empty(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except Exception:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+# Module-level helpers the deployment uses must be defined above it: Serve
+# serializes the class when the decorator runs, capturing only the globals
+# that exist at that point.
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(app)
-class ShoalIngress:
+class ShoalIngress(ShoalGrpcMixin):
     def __init__(self, catalog: dict, admin_key: str | None = None,
-                 rate_limit_rps: float | None = None):
+                 rate_limit_rps: float | None = None,
+                 rate_limits: dict[str, float] | None = None):
         self.catalog = Catalog.model_validate(catalog)
         self.specs = {m.name: m for m in self.catalog.models}
         self.controller = get_or_create_controller(self.catalog)
         self.router = Router(self.controller)
         self.admin_key = admin_key or os.environ.get("SHOAL_ADMIN_KEY") or None
-        self.limiter = RateLimiter(rate_limit_rps)
+        self.limiter = RateLimiter(rate_limit_rps, rate_limits)
         self.metrics = FrontDoorMetrics()
 
     # ------------------------------------------------------------ OpenAI
@@ -188,13 +201,5 @@ class ShoalIngress:
             return error_response(UnknownModelError(f"model {model!r} is not in the catalog"))
         try:
             return JSONResponse(await method.remote(*args))
-        except ShoalError as e:
+        except Exception as e:  # ShoalErrors keep their status; anything else is a 500
             return error_response(e)
-
-
-async def _json_or_empty(request: Request) -> dict:
-    try:
-        body = await request.json()
-    except Exception:
-        return {}
-    return body if isinstance(body, dict) else {}

@@ -83,7 +83,8 @@ class _ControllerCollector:
         yield actions
         h = s["swap_seconds"]
         swaps = HistogramMetricFamily("shoal_swap_seconds", "in-place weight swap latency")
-        swaps.add_metric([], [(str(b), c) for b, c in h["buckets"]], h["sum"])
+        swaps.add_metric([], [("+Inf" if b == float("inf") else str(b), c)
+                              for b, c in h["buckets"]], h["sum"])
         yield swaps
         used = GaugeMetricFamily("shoal_device_memory_used_bytes", "device memory reserved",
                                  labels=["device"])

@@ -1,7 +1,8 @@
 """Per-model request rate limit at the front door (token bucket).
 
-Off unless ``rate_limit_rps`` is set. A refused request gets 429 in the
-OpenAI error shape with ``Retry-After``; nothing reaches an engine.
+Off unless ``rate_limit_rps`` (every model) or ``rate_limits`` (per model,
+requests/s) is set. A refused request gets 429 in the OpenAI error shape
+with ``Retry-After``; nothing reaches an engine.
 """
 
 from __future__ import annotations
@@ -15,24 +16,26 @@ from cluster.openai_serving import error_body
 
 
 class RateLimiter:
-    def __init__(self, rate_rps: float | None, burst: float | None = None):
+    def __init__(self, rate_rps: float | None, per_model: dict[str, float] | None = None):
         self.rate = rate_rps
-        self.burst = burst or (max(1.0, 2 * rate_rps) if rate_rps else 0.0)
+        self.per_model = dict(per_model or {})
         self._buckets: dict[str, tuple[float, float]] = {}  # model -> (tokens, at)
 
     def check(self, model: str) -> JSONResponse | None:
         """None if the request may go, else the 429 response to send."""
-        if not self.rate:
+        rate = self.per_model.get(model, self.rate)
+        if not rate:
             return None
+        burst = max(1.0, 2 * rate)  # absorbs a short burst at twice the rate
         now = time.monotonic()
-        tokens, at = self._buckets.get(model, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        tokens, at = self._buckets.get(model, (burst, now))
+        tokens = min(burst, tokens + (now - at) * rate)
         if tokens >= 1.0:
             self._buckets[model] = (tokens - 1.0, now)
             return None
         self._buckets[model] = (tokens, now)
-        wait = math.ceil((1.0 - tokens) / self.rate)
+        wait = math.ceil((1.0 - tokens) / rate)
         return JSONResponse(
-            error_body(f"rate limit for model {model!r} is {self.rate:g} requests/s; retry later",
+            error_body(f"rate limit for model {model!r} is {rate:g} requests/s; retry later",
                        429, "rate_limit_exceeded"),
             status_code=429, headers={"Retry-After": str(wait)})

@@ -80,3 +80,56 @@ def worker(ray_local, spec):
     ray_local.get(w.load.remote(spec("tiny-llama-c"), park=True))
     yield w
     ray_local.get(w.shutdown.remote())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ADMIN_KEY = "test-admin-key"
+
+
+@pytest.fixture(scope="session")
+def front_door(ray_local, tiny_models, spec):
+    """The whole app on the test cluster: Serve HTTP + gRPC proxies, the
+    controller, and 4 catalog models, all cold at the start (plus one that
+    can never be placed). Yields {"url", "grpc", "controller", "catalog"}."""
+    from ray import serve
+
+    from cluster.controller import get_controller
+    from serve_apps.app import build_app
+    from serve_apps.grpc_service import GRPC_SERVICER
+
+    footprint = spec("tiny-llama-a").weights_bytes + KV_BYTES
+    models = [{"name": n, "path": str(tiny_models[n]), "family": "tiny-llama",
+               "kv_cache_bytes": KV_BYTES} for n in ("tiny-llama-a", "tiny-llama-b", "tiny-llama-c")]
+    models += [{"name": "tiny-qwen", "path": str(tiny_models["tiny-qwen"]), "family": "tiny-qwen",
+                "kv_cache_bytes": KV_BYTES},
+               {"name": "needs-amd", "path": str(tiny_models["tiny-llama-a"]),
+                "family": "tiny-llama", "kv_cache_bytes": KV_BYTES, "allowed_vendors": ["amd"],
+                "load_timeout_s": 3}]
+    catalog = {
+        "models": models,
+        "discovery": {"emulate_accelerators_on_cpu": True, "accelerators": {
+            "A100": {"memory_bytes": 2 * footprint + 8 * MiB, "speed": 2.0, "cost_per_hour": 3.0},
+            "L4": {"memory_bytes": 2 * footprint + 8 * MiB, "speed": 1.0, "cost_per_hour": 1.0}}},
+        "controller": {"tick_s": 2, "health_check_s": 1.0, "cold_queue_max": 2},
+    }
+    http_port, grpc_port = free_port(), free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})
+    serve.run(build_app({"catalog": catalog, "admin_key": ADMIN_KEY,
+                         "rate_limits": {"tiny-llama-c": 0.2}}),
+              name="shoal", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}",
+           "controller": get_controller(), "catalog": catalog}
+    import ray
+
+    c = get_controller()
+    ray.get(c.shutdown_cluster.remote())
+    serve.shutdown()
+    ray.kill(c, no_restart=True)
