@@ -18,6 +18,9 @@ import urllib.request
 from pathlib import Path
 
 STATE_FILE = Path(".shoal/up.json")
+# A SIGKILLed engine worker leaves its vLLM engine-core processes behind;
+# with this the raylet adopts (subreaper) and kills them.
+REAP_ENV = "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"
 APP_NAME = "shoal"
 
 
@@ -42,7 +45,8 @@ def up(config: str, port: int, demo: bool, host: str = "127.0.0.1",
     address = os.environ.get("RAY_ADDRESS")
     if not address:
         subprocess.run([_ray_bin(), "start", "--head", "--disable-usage-stats",
-                        "--include-dashboard=false"], check=True, capture_output=True)
+                        "--include-dashboard=false"], check=True, capture_output=True,
+                       env={**os.environ, REAP_ENV: os.environ.get(REAP_ENV, "true")})
         address, started_ray = "auto", True
     STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
     STATE_FILE.write_text(json.dumps({"started_ray": started_ray, "port": port}))

@@ -8,7 +8,12 @@ import os
 
 import pytest
 
+from cluster.lifecycle import REAP_ENV
+
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+# vLLM's engine-core processes outlive a SIGKILLed engine worker (the
+# killed-worker tests do that); the raylet reaps them when it is a subreaper.
+os.environ.setdefault(REAP_ENV, "true")
 
 MiB = 2**20
 KV_BYTES = 64 * MiB  # per shell; tiny models need very little

@@ -146,6 +146,13 @@ def test_client_disconnect_aborts_the_engine_request(front_door, admin):
         return s["models"]["tiny-llama-a"]["running"] == 0 and all(
             sh["engine_unfinished"] == 0 for sh in s["shells"].values())
     wait_until(idle, timeout_s=30)
+    # The front door saw the client leave and cancelled the engine stream
+    # (a 499), rather than the request simply running to its end.
+    text = httpx.get(f"{front_door['url']}/metrics").text
+    left = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "shoal_requests_total"
+            and s.labels == {"model": "tiny-llama-a", "status": "499"}]
+    assert left and left[0] >= 1
 
 
 def test_admin_api(front_door, admin):
