@@ -20,6 +20,10 @@ def _bench(args) -> int:
         from cluster.bench_swap import run_swap_bench
 
         result = run_swap_bench(args.models_dir, swaps=args.swaps)
+    elif args.what == "overhead":
+        from cluster.bench_overhead import run_overhead_bench
+
+        result = run_overhead_bench(args.models_dir, requests=args.requests)
     else:  # argparse restricts choices
         raise AssertionError(args.what)
     print(json.dumps(result, indent=None if args.json else 2))
@@ -66,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     m.set_defaults(fn=_make_test_models)
 
     b = sub.add_parser("bench", help="benchmarks that print one JSON object")
-    b.add_argument("what", choices=["swap"])
+    b.add_argument("what", choices=["swap", "overhead"])
     b.add_argument("--json", action="store_true", help="one line of JSON")
     b.add_argument("--models-dir", default=".shoal/models")
-    b.add_argument("--swaps", type=int, default=10)
+    b.add_argument("--swaps", type=int, default=10, help="swap: swaps to time")
+    b.add_argument("--requests", type=int, default=30, help="overhead: requests per path")
     b.set_defaults(fn=_bench)
 
     u = sub.add_parser("up", help="start the controller and the OpenAI front door")

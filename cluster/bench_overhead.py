@@ -1,0 +1,140 @@
+"""``shoal bench overhead``: what Shoal's front door adds to a request.
+
+One run, one machine, one tiny model, the same prompt and ``max_tokens``,
+requests one at a time (latency, not throughput), three ways:
+
+- ``direct``: the engine worker's ``generate`` stream, called from this
+  driver (no HTTP, no routing): the floor;
+- ``shoal``: ``POST /v1/completions`` through Shoal's Serve app (ingress,
+  route cache, vLLM's OpenAI layer next to the engine);
+- ``rayserve_llm``: ``ray.serve.llm.build_openai_app`` serving the same model
+  on CPU, the reference Ray Serve LLM stack.
+
+Warm-up requests (cold start, first compile) are excluded. Medians in ms.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+PROMPT = "The tide comes in twice a day and the boats"
+MAX_TOKENS = 8
+KV_BYTES = 64 * 2**20
+MODEL = "tiny-llama-a"
+
+
+def _timed(fn, n: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def _post(url: str, model: str) -> None:
+    import httpx
+
+    r = httpx.post(url, json={"model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS,
+                              "temperature": 0}, timeout=300)
+    r.raise_for_status()
+    assert r.json()["usage"]["completion_tokens"] == MAX_TOKENS
+
+
+def _direct(path: str, n: int) -> list[float]:
+    import ray
+
+    from cluster.catalog import ModelSpec
+    from cluster.device import DeviceSpec
+    from cluster.engine_worker import start_engine_worker
+
+    spec = ModelSpec(name=MODEL, path=path, family="tiny-llama",
+                     kv_cache_bytes=KV_BYTES).resolved()
+    w = start_engine_worker(DeviceSpec("bench-direct", "cpu", 2**30))
+    ray.get(w.load.remote(spec))
+    sampling = {"temperature": 0, "max_tokens": MAX_TOKENS}
+
+    def once():
+        chunks = [ray.get(r) for r in w.generate.remote(MODEL, PROMPT, sampling=sampling)]
+        assert sum(len(c["token_ids"]) for c in chunks) == MAX_TOKENS
+    try:
+        return _timed(once, n)
+    finally:
+        ray.get(w.shutdown.remote())
+        ray.kill(w)
+
+
+def _shoal(path: str, n: int, port: int) -> list[float]:
+    import ray
+    from ray import serve
+
+    from cluster.controller import get_controller
+    from serve_apps.app import build_app
+
+    catalog = {"models": [{"name": MODEL, "path": path, "family": "tiny-llama",
+                           "kv_cache_bytes": KV_BYTES}],
+               "cpu_devices": [{"id": "bench-cpu", "memory_bytes": 2**30}]}
+    serve.run(build_app({"catalog": catalog}), name="shoal", route_prefix="/shoal")
+    try:
+        return _timed(lambda: _post(f"http://127.0.0.1:{port}/shoal/v1/completions", MODEL), n)
+    finally:
+        c = get_controller()
+        ray.get(c.shutdown_cluster.remote())
+        serve.delete("shoal")
+        ray.kill(c, no_restart=True)
+
+
+def _rayserve_llm(path: str, n: int, port: int) -> list[float]:
+    from ray import serve
+    from ray.serve.llm import LLMConfig, build_openai_app
+
+    config = LLMConfig(
+        model_loading_config={"model_id": MODEL, "model_source": path},
+        engine_kwargs={"max_model_len": 512, "enforce_eager": True,
+                       "kv_cache_memory_bytes": KV_BYTES, "seed": 0},
+        placement_group_config={"bundles": [{"CPU": 1}]},
+        deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+    )
+    serve.run(build_openai_app({"llm_configs": [config]}), name="rayllm", route_prefix="/rayllm")
+    try:
+        return _timed(lambda: _post(f"http://127.0.0.1:{port}/rayllm/v1/completions", MODEL), n)
+    finally:
+        serve.delete("rayllm")
+
+
+def run_overhead_bench(models_dir: str = ".shoal/models", requests: int = 30,
+                       port: int = 8011) -> dict:
+    import ray
+    from ray import serve
+
+    from cluster.tiny_models import make_test_models
+
+    path = str(make_test_models(Path(models_dir), [MODEL])[MODEL].resolve())
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        direct = _direct(path, requests)
+        shoal = _shoal(path, requests, port)
+        rayllm = _rayserve_llm(path, requests, port)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    p50 = {k: statistics.median(v) for k, v in
+           {"direct": direct, "shoal": shoal, "rayserve_llm": rayllm}.items()}
+    return {
+        "model": MODEL, "max_tokens": MAX_TOKENS, "requests": requests,
+        "direct_ms_p50": round(p50["direct"], 2),
+        "shoal_ms_p50": round(p50["shoal"], 2),
+        "rayserve_llm_ms_p50": round(p50["rayserve_llm"], 2),
+        "shoal_over_direct_ms": round(p50["shoal"] - p50["direct"], 2),
+        "shoal_over_rayserve_llm": round(p50["shoal"] / p50["rayserve_llm"], 3),
+        "goal": "shoal_ms_p50 <= rayserve_llm_ms_p50",
+        "goal_met": p50["shoal"] <= p50["rayserve_llm"],
+    }
