@@ -237,6 +237,20 @@ class EngineWorker:
         async for item in serving.handle(self.requests, entry.spec.name, kind, body):
             yield item
 
+    async def openai_once(self, kind: str, body: dict) -> dict:
+        """A non-streaming OpenAI request as one plain actor call: cheaper
+        than a streaming generator for a single item. The body comes back
+        as JSON text (``body_json``), so it is serialized once, here."""
+        items = self.openai(kind, body)
+        try:
+            item = await items.__anext__()
+        finally:
+            await items.aclose()
+        import json
+
+        return {"status": item["status"], "body_json": json.dumps(item["body"])} \
+            if "body" in item else item
+
     async def resume(self, request: dict, generated_token_ids: list[int]) -> AsyncIterator[dict]:
         """Continue a request from a token prefix by re-prefilling it.
 

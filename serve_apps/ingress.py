@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 
 from cluster.catalog import Catalog
@@ -108,22 +108,27 @@ class ShoalIngress(ShoalGrpcMixin):
         if limited is not None:
             return limited
         try:
-            gen, first = await self._start(model, kind, body)
+            gen, first = await self._start(model, kind, body, bool(body.get("stream")))
         except ShoalError as e:
             self.metrics.request_failed(model, e)
             return error_response(e)
         if not first.get("stream"):
             self.metrics.request_done(model, first["status"], t0, [time.monotonic()])
-            return JSONResponse(first["body"], status_code=first["status"])
+            return Response(first["body_json"], status_code=first["status"],
+                            media_type="application/json")
         return StreamingResponse(self._relay(gen, model, t0), media_type="text/event-stream")
 
-    async def _start(self, model: str, kind: str, body: dict) -> tuple[Any, dict]:
-        """Open the request on an active copy; retry a stale route or a dead worker."""
+    async def _start(self, model: str, kind: str, body: dict,
+                     stream: bool) -> tuple[Any, dict]:
+        """Open the request on an active copy; retry a stale route or a dead
+        worker. A non-streaming request is one plain actor call."""
         avoid: set[str] = set()
         for _ in range(MAX_HOPS):
             device, worker = await self.router.pick(model, avoid)
-            gen = worker.openai.options(num_returns="streaming").remote(kind, body)
             try:
+                if not stream:
+                    return None, await worker.openai_once.remote(kind, body)
+                gen = worker.openai.options(num_returns="streaming").remote(kind, body)
                 return gen, await (await gen.__anext__())
             except (ModelNotActiveError, UnknownModelError):
                 pass  # the copy is draining or gone: refresh and try another
