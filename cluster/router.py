@@ -89,14 +89,14 @@ class Router:
             except UnknownModelError:
                 pass
             except Exception as e:
-                if not _is_actor_death(e):
+                if not is_actor_death(e):
                     raise
                 log.warning("worker for %s on %s died mid-stream; resuming", model, device)
                 avoid.add(device)
                 await self._report_failure(device)
             finally:
                 if not finished:
-                    _cancel(gen)  # the client left, or we moved on: stop that copy
+                    cancel_stream(gen)  # the client left, or we moved on: stop that copy
             self.hops += 1
             await self.refresh(force=True)
         raise RequestAbortedError(f"request {request_id!r} for {model!r} was moved "
@@ -161,13 +161,13 @@ async def _call(method, *args, attempts: int = 10):
             await asyncio.sleep(0.5 * (i + 1))
 
 
-def _is_actor_death(e: BaseException) -> bool:
+def is_actor_death(e: BaseException) -> bool:
     from ray.exceptions import ActorUnavailableError, RayActorError
 
     return isinstance(e, (RayActorError, ActorUnavailableError))
 
 
-def _cancel(gen) -> None:
+def cancel_stream(gen) -> None:
     import ray
 
     try:

@@ -24,7 +24,7 @@ from cluster.controller import get_or_create_controller
 from cluster.errors import (BadRequestError, ModelNotActiveError, ServiceUnavailableError,
                             ShoalError, UnknownModelError, root_cause)
 from cluster.openai_serving import CHAT, COMPLETIONS, error_body
-from cluster.router import MAX_HOPS, Router, _cancel, _is_actor_death
+from cluster.router import MAX_HOPS, Router, cancel_stream, is_actor_death
 from serve_apps.grpc_service import ShoalGrpcMixin
 from serve_apps.metrics import FrontDoorMetrics
 from serve_apps.rate_limit import RateLimiter
@@ -133,7 +133,7 @@ class ShoalIngress(ShoalGrpcMixin):
             except (ModelNotActiveError, UnknownModelError):
                 pass  # the copy is draining or gone: refresh and try another
             except Exception as e:
-                if not _is_actor_death(e):
+                if not is_actor_death(e):
                     raise
                 avoid.add(device)
                 await self.controller.report_failure.remote(device)
@@ -157,7 +157,7 @@ class ShoalIngress(ShoalGrpcMixin):
             yield sse_error(f"stream interrupted: {e}", 503)
         finally:
             if not finished:
-                _cancel(gen)
+                cancel_stream(gen)
             self.metrics.request_done(model, 200 if finished else 499, t0, stamps,
                                       self.specs[model].slo)
 
