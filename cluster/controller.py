@@ -28,7 +28,7 @@ from cluster.errors import (ColdStartQueueFullError, LoadTimeoutError, ModelNotA
                             ShoalError, UnknownModelError, root_cause)
 from cluster.view_builder import build_view
 from policies import make_policy
-from policies.actions import Migrate
+from policies.actions import EVICTION_REASON, Load, Migrate, Unload
 from policies.demand import DemandEstimator
 from policies.view import Demand
 
@@ -135,7 +135,6 @@ class PlacementController:
         if device is None:
             await self.resolve(model)
             return self.model_status(model)
-        from policies.actions import Load
         # A use without an arrival: the idle timer starts now, so the policy
         # keeps the copy for idle_unload_s even if no request comes.
         self.demand.observe(model, time.time(), 0)
@@ -147,7 +146,6 @@ class PlacementController:
         """Admin unload of every copy; demand before now is forgotten so the
         policy does not bring it straight back."""
         self._spec(model)
-        from policies.actions import Unload
         self.demand.forget(model)
         self.displaced.discard(model)
         await self._execute_now(lambda: [Unload(model, d, reason="admin")
@@ -364,7 +362,7 @@ class PlacementController:
 
     def _count(self, a, res) -> None:
         kind = _KIND.get(type(a).__name__, type(a).__name__.lower())
-        if kind in ("park", "unload") and a.reason.startswith("make room"):
+        if kind in ("park", "unload") and a.reason.startswith(EVICTION_REASON):
             kind = "evict"
         model = getattr(a, "model", None) or getattr(a, "for_model", "")
         self.action_counts[f"{model}|{kind}"] += 1

@@ -6,8 +6,8 @@ linear weight to ``dispatch_cpu_unquantized_gemm``, which reorders it into a
 oneDNN matmul handle (SGL or zentorch packs on other CPUs), stores a closure
 over that handle as ``module.cpu_linear`` and empties ``module.weight``.
 ``reload_weights`` must therefore parse safetensors and re-run that
-repacking on every swap, which costs 6-15x a plain copy of the bytes
-(``shoal bench swap``: ``reload_swap_over_memcpy_bound``).
+repacking on every swap, which costs many times a plain copy of the bytes
+(``shoal bench swap`` reports it as ``reload_swap_over_memcpy_bound``).
 
 What is kept. Right after vLLM has prepared a model (a ``reload_weights``
 swap), ``capture`` records it in this process (the engine core):

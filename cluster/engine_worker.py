@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import time
 import uuid
@@ -246,8 +247,6 @@ class EngineWorker:
             item = await items.__anext__()
         finally:
             await items.aclose()
-        import json
-
         return {"status": item["status"], "body_json": json.dumps(item["body"])} \
             if "body" in item else item
 

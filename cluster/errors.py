@@ -67,10 +67,8 @@ class RequestAbortedError(ShoalError):
     status, code = 503, "request_aborted"
 
 
-class ServiceUnavailableError(ShoalError):
+class RetryLaterError(ShoalError):
     """Try again later; ``retry_after_s`` becomes the HTTP Retry-After header."""
-
-    status, code = 503, "service_unavailable"
 
     def __init__(self, message: str, retry_after_s: float = 5.0):
         super().__init__(message, retry_after_s)
@@ -78,6 +76,16 @@ class ServiceUnavailableError(ShoalError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class RateLimitedError(RetryLaterError):
+    """The model's request rate limit refused the request (front door)."""
+
+    status, code = 429, "rate_limit_exceeded"
+
+
+class ServiceUnavailableError(RetryLaterError):
+    status, code = 503, "service_unavailable"
 
 
 class ColdStartQueueFullError(ServiceUnavailableError):

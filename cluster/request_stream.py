@@ -72,10 +72,7 @@ class RequestTracker:
         victims = [r for r in self.inflight.values() if r.model == model and not r.moved]
         for r in victims:
             r.abort_reason = reason
-            res = abort(r.request_id)
-            if res is not None:
-                await res
-        return len(victims)
+        return await _stop_in_engine(victims, abort)
 
     async def move_model(self, model: str, abort: Callable) -> int:
         """Stop every in-flight request of ``model`` so its caller resumes it
@@ -83,10 +80,16 @@ class RequestTracker:
         victims = [r for r in self.inflight.values() if r.model == model and r.resumable]
         for r in victims:
             r.moved = True
-            res = abort(r.request_id)
-            if res is not None:
-                await res
-        return len(victims)
+        return await _stop_in_engine(victims, abort)
+
+
+async def _stop_in_engine(victims: list[InflightRequest], abort: Callable) -> int:
+    """Abort each request in vLLM (``abort`` may be sync or async); how many."""
+    for r in victims:
+        res = abort(r.request_id)
+        if res is not None:
+            await res
+    return len(victims)
 
 
 def sampling_params(sampling: dict[str, Any], already_generated: int):

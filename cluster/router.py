@@ -83,17 +83,8 @@ class Router:
                     yield chunk
                     if finished:
                         return
-            except ModelNotActiveError:
-                # A stale route: the copy is draining or gone. Refresh below.
-                pass
-            except UnknownModelError:
-                pass
             except Exception as e:
-                if not is_actor_death(e):
-                    raise
-                log.warning("worker for %s on %s died mid-stream; resuming", model, device)
-                avoid.add(device)
-                await self._report_failure(device)
+                await self.on_failure(e, model, device, avoid)
             finally:
                 if not finished:
                     cancel_stream(gen)  # the client left, or we moved on: stop that copy
@@ -120,6 +111,20 @@ class Router:
                 raise RequestAbortedError(f"model {model!r} has no active copy after loading")
         device, worker = copies[next(self._rr) % len(copies)]
         return device, worker
+
+    async def on_failure(self, e: Exception, model: str, device: str,
+                         avoid: set[str]) -> None:
+        """A try on ``device`` failed: re-raise ``e`` unless another copy is
+        worth trying. A stale route (the copy is draining or gone) only needs
+        fresh routes; a dead worker is avoided and reported to the controller.
+        The caller refreshes the routes before the next try."""
+        if isinstance(e, (ModelNotActiveError, UnknownModelError)):
+            return
+        if not is_actor_death(e):
+            raise e
+        log.warning("worker for %s on %s died; trying another copy", model, device)
+        avoid.add(device)
+        await self._report_failure(device)
 
     async def refresh(self, force: bool = False) -> None:
         table = await _call(self.controller.route_table, -1 if force else self.table["version"])

@@ -35,7 +35,8 @@ disk read) and unloaded when it has none (nothing worth keeping warm).
 
 from __future__ import annotations
 
-from policies.actions import Action, Load, Park, RequestCapacity, Swap, Unload, Wake
+from policies.actions import (EVICTION_REASON, Action, Load, Park, RequestCapacity, Swap,
+                              Unload, Wake)
 from policies.choose import hosts_family, in_memory, is_empty, leftover
 from policies.classify import Heat, demand_key, eviction_order, has_demand
 from policies.plan import Planner
@@ -168,7 +169,7 @@ def _evict(plan: Planner, m: ModelView, heat: Heat, fast: bool) -> bool:
     _, d, victims = best
     actions: list[Action] = []
     for v in victims:
-        why = f"make room for {m.name}, which is wanted more"
+        why = f"{EVICTION_REASON} {m.name}, which is wanted more"
         keep = has_demand(view.demand_of(v.name))
         actions.append(Park(v.name, d.id, reason=why) if keep else Unload(v.name, d.id, reason=why))
     if m.placement(d.id) is not None:

@@ -11,6 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# Reason prefix of a Park/Unload that makes room for another model; the
+# controller counts those as evictions (reason stays out of equality).
+EVICTION_REASON = "make room for"
+
+
 @dataclass(frozen=True)
 class Action:
     reason: str = field(default="", compare=False, kw_only=True)

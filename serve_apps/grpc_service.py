@@ -26,7 +26,9 @@ from typing import Any
 
 import grpc
 
-from cluster.errors import BadRequestError, ShoalError, UnknownModelError, root_cause
+from cluster.errors import (BadRequestError, RateLimitedError, ShoalError, UnknownModelError,
+                            root_cause)
+from cluster.router import is_actor_death
 from serve_apps import shoal_pb2
 
 # For ``serve.start(grpc_options=...)`` and ``grpc_servicer_functions`` in serve.yaml.
@@ -49,9 +51,7 @@ def grpc_code(e: BaseException) -> grpc.StatusCode:
     e = root_cause(e)
     if isinstance(e, ShoalError):
         return STATUS_CODES.get(e.status, grpc.StatusCode.INTERNAL)
-    from ray.exceptions import ActorUnavailableError, RayActorError
-
-    if isinstance(e, (RayActorError, ActorUnavailableError)):
+    if is_actor_death(e):
         return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INTERNAL
 
@@ -78,12 +78,6 @@ def sampling_from(request: shoal_pb2.GenerateRequest) -> dict[str, Any]:
     if request.stop:
         sampling["stop"] = list(request.stop)
     return sampling
-
-
-class RateLimitedError(ShoalError):
-    """The model's request rate limit refused the call (``serve_apps/rate_limit.py``)."""
-
-    status, code = 429, "rate_limit_exceeded"
 
 
 class ShoalGrpcMixin:
@@ -158,9 +152,7 @@ class ShoalGrpcMixin:
         limiter = getattr(self, "limiter", None)
         refused = limiter.check(model) if limiter is not None else None
         if refused is not None:
-            wait = refused.headers.get("retry-after", "1")
-            raise RateLimitedError(f"rate limit for model {model!r} exceeded; "
-                                   f"retry in {wait} s")
+            raise refused
 
     def _metric_failed(self, model: str, e: BaseException) -> None:
         metrics = getattr(self, "metrics", None)

@@ -21,10 +21,10 @@ from ray import serve
 
 from cluster.catalog import Catalog
 from cluster.controller import get_or_create_controller
-from cluster.errors import (BadRequestError, ModelNotActiveError, ServiceUnavailableError,
+from cluster.errors import (BadRequestError, RetryLaterError, ServiceUnavailableError,
                             ShoalError, UnknownModelError, root_cause)
 from cluster.openai_serving import CHAT, COMPLETIONS, error_body
-from cluster.router import MAX_HOPS, Router, cancel_stream, is_actor_death
+from cluster.router import MAX_HOPS, Router, cancel_stream
 from serve_apps.grpc_service import ShoalGrpcMixin
 from serve_apps.metrics import FrontDoorMetrics
 from serve_apps.rate_limit import RateLimiter
@@ -39,7 +39,7 @@ def error_response(e: Exception) -> JSONResponse:
     e = root_cause(e)
     status = getattr(e, "status", 500)
     headers = {}
-    if isinstance(e, ServiceUnavailableError):
+    if isinstance(e, RetryLaterError):
         headers["Retry-After"] = str(max(1, round(e.retry_after_s)))
     code = getattr(e, "code", "internal_error")
     return JSONResponse(error_body(str(e), status, code), status_code=status, headers=headers)
@@ -106,7 +106,7 @@ class ShoalIngress(ShoalGrpcMixin):
                 f"model {model!r} is not in the catalog; GET /v1/models lists them"))
         limited = self.limiter.check(model)
         if limited is not None:
-            return limited
+            return error_response(limited)
         try:
             gen, first = await self._start(model, kind, body, bool(body.get("stream")))
         except ShoalError as e:
@@ -130,13 +130,8 @@ class ShoalIngress(ShoalGrpcMixin):
                     return None, await worker.openai_once.remote(kind, body)
                 gen = worker.openai.options(num_returns="streaming").remote(kind, body)
                 return gen, await (await gen.__anext__())
-            except (ModelNotActiveError, UnknownModelError):
-                pass  # the copy is draining or gone: refresh and try another
             except Exception as e:
-                if not is_actor_death(e):
-                    raise
-                avoid.add(device)
-                await self.controller.report_failure.remote(device)
+                await self.router.on_failure(e, model, device, avoid)
             await self.router.refresh(force=True)
         raise ServiceUnavailableError(f"no copy of {model!r} accepted the request; retry")
 

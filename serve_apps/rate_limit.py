@@ -1,8 +1,8 @@
 """Per-model request rate limit at the front door (token bucket).
 
 Off unless ``rate_limit_rps`` (every model) or ``rate_limits`` (per model,
-requests/s) is set. A refused request gets 429 in the OpenAI error shape
-with ``Retry-After``; nothing reaches an engine.
+requests/s) is set. A refused request gets 429 (``RateLimitedError``, with
+``Retry-After`` on HTTP); nothing reaches an engine.
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from __future__ import annotations
 import math
 import time
 
-from fastapi.responses import JSONResponse
-
-from cluster.openai_serving import error_body
+from cluster.errors import RateLimitedError
 
 
 class RateLimiter:
@@ -21,8 +19,8 @@ class RateLimiter:
         self.per_model = dict(per_model or {})
         self._buckets: dict[str, tuple[float, float]] = {}  # model -> (tokens, at)
 
-    def check(self, model: str) -> JSONResponse | None:
-        """None if the request may go, else the 429 response to send."""
+    def check(self, model: str) -> RateLimitedError | None:
+        """None if the request may go, else the error to answer with."""
         rate = self.per_model.get(model, self.rate)
         if not rate:
             return None
@@ -34,8 +32,6 @@ class RateLimiter:
             self._buckets[model] = (tokens - 1.0, now)
             return None
         self._buckets[model] = (tokens, now)
-        wait = math.ceil((1.0 - tokens) / rate)
-        return JSONResponse(
-            error_body(f"rate limit for model {model!r} is {rate:g} requests/s; retry later",
-                       429, "rate_limit_exceeded"),
-            status_code=429, headers={"Retry-After": str(wait)})
+        return RateLimitedError(
+            f"rate limit for model {model!r} is {rate:g} requests/s; retry later",
+            retry_after_s=math.ceil((1.0 - tokens) / rate))
