@@ -55,6 +55,11 @@ class PlacementController:
         self.devices: dict[str, DeviceSpec] = {}
         self.workers: dict[str, Any] = {}  # device id -> worker actor handle
         self.stats: dict[str, dict] = {}  # device id -> last worker stats()
+        # Polls overlap (health loop, reconcile): a reply is applied only if
+        # its poll was sent after the one that wrote the current stats, so a
+        # slow, older reply never overwrites a newer state.
+        self._polls = 0
+        self._stats_poll: dict[str, int] = {}  # device id -> latest poll applied
         # Versions only grow, across controller restarts too, so a front door
         # never mistakes an old table for a new one.
         self.version = time.time_ns() // 1000
@@ -253,12 +258,16 @@ class PlacementController:
 
     async def _poll(self) -> list[str]:
         """Refresh every worker's stats; forget dead workers. Returns those lost."""
-        ids = sorted(self.workers)
+        self._polls += 1
+        poll, asked = self._polls, dict(sorted(self.workers.items()))
         results = await asyncio.gather(
-            *(asyncio.wait_for(self.workers[d].stats.remote(), RPC_TIMEOUT_S) for d in ids),
+            *(asyncio.wait_for(w.stats.remote(), RPC_TIMEOUT_S) for w in asked.values()),
             return_exceptions=True)
         lost = []
-        for dev, res in zip(ids, results):
+        for (dev, worker), res in zip(asked.items(), results):
+            if poll < self._stats_poll.get(dev, 0) or self.workers.get(dev) is not worker:
+                continue  # a newer poll answered, or the worker was replaced meanwhile
+            self._stats_poll[dev] = poll
             if isinstance(res, BaseException):
                 lost.append(dev)
                 self._forget_worker(dev, res)
