@@ -467,12 +467,17 @@ def _get_or_start_worker(dev: DeviceSpec):
 
 
 def get_or_create_controller(catalog: Catalog):
-    """The cluster's controller; created (detached, auto-restarting) if absent."""
+    """The cluster's controller; created (detached, auto-restarting) if absent.
+
+    ``max_task_retries=-1``: a call that a controller restart interrupts, or
+    that arrives while it restarts, is retried on the new incarnation instead
+    of failing (its methods are safe to repeat: reads, idempotent admin
+    actions, a cold-start wait)."""
     import ray
 
     return ray.remote(PlacementController).options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-        max_restarts=-1, max_concurrency=1000, num_cpus=0,
+        max_restarts=-1, max_task_retries=-1, max_concurrency=1000, num_cpus=0,
     ).remote(catalog.model_dump(mode="json"))
 
 

@@ -178,7 +178,9 @@ def test_controller_restart_rebuilds_state(controller):
     before = {m["name"]: m["devices"] for m in status(controller)["models"]}
     version = ray.get(controller.ping.remote())
     ray.kill(controller, no_restart=False)  # Ray restarts it (max_restarts=-1)
-    wait_until(lambda: _alive(controller), timeout_s=60)
+    # The kill is asynchronous: the old incarnation may still answer a ping,
+    # so wait for the new one, whose versions start above the old one's.
+    wait_until(lambda: (_ping(controller) or 0) > version, timeout_s=60)
     after = {m["name"]: m["devices"] for m in status(controller)["models"]}
     assert after == before
     assert ray.get(controller.ping.remote()) > version  # versions never go back
@@ -243,9 +245,8 @@ def test_killed_worker_models_are_re_placed_and_streams_resume(controller):
     assert all(d["alive"] for d in status(controller)["devices"])  # a fresh worker
 
 
-def _alive(controller) -> bool:
+def _ping(controller) -> int | None:
     try:
-        ray.get(controller.ping.remote(), timeout=5)
-        return True
+        return ray.get(controller.ping.remote(), timeout=5)
     except Exception:
-        return False
+        return None
