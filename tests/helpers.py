@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 
-# Long enough (> 2 KV blocks) that the prefix cache would serve it after a swap.
 LONG_PROMPT = ("Shoal serves many language models from one shared pool of accelerators. "
                "Most models in a large catalog are cold and share devices.")
+# More than two KV blocks (vLLM's CPU block size is 128 tokens): only a
+# prompt with a full block can be served from the prefix cache, so only such
+# a prompt shows whether the cache was reset on a swap.
+CACHED_PROMPT = " ".join([LONG_PROMPT] * 6)
 GREEDY = {"temperature": 0.0, "max_tokens": 20}
 
 

@@ -43,8 +43,8 @@ def test_load_and_generate(worker, references):
 def test_swap_a_b_a_in_place_matches_each_checkpoint(worker, references):
     """A->B->A in one engine; outputs equal each model's own fresh engine.
 
-    The prompt spans several KV blocks, so this also fails if the prefix
-    cache were not reset on swap (B would reuse A's cached KV).
+    (The prefix-cache reset on swap is tested with a prompt long enough to
+    be cached: tests/test_fast_swap.py and tests/test_timeshare.py.)
     """
     ray.get(worker.park.remote("tiny-llama-b"))  # its shell is left vacant
     ray.get(worker.swap.remote("tiny-llama-b", replace="tiny-llama-a"))

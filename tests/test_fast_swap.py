@@ -2,7 +2,7 @@
 
 The engine test drives ``EngineShell`` directly (no Ray) with two real vLLM
 engines: one per model, for the fresh-engine references; swaps run in the
-first. Its prompt spans several KV blocks, so a missing prefix-cache reset
+first. Its prompt spans more than two KV blocks, so a missing prefix-cache reset
 or a kernel left from the other model would change the greedy tokens.
 """
 
@@ -14,7 +14,7 @@ import uuid
 import pytest
 import torch
 
-from tests.helpers import GREEDY, LONG_PROMPT
+from tests.helpers import CACHED_PROMPT, GREEDY
 
 pytestmark = pytest.mark.engine
 
@@ -71,7 +71,7 @@ async def _greedy(shell) -> list[int]:
     from vllm import SamplingParams
 
     last = None
-    async for out in shell.generate(shell.tokenize(LONG_PROMPT), SamplingParams(**GREEDY),
+    async for out in shell.generate(shell.tokenize(CACHED_PROMPT), SamplingParams(**GREEDY),
                                     uuid.uuid4().hex):
         last = out
     return list(last.outputs[0].token_ids)
