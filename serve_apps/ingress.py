@@ -56,6 +56,9 @@ async def _json_or_empty(request: Request) -> dict:
 # Module-level helpers the deployment uses must be defined above it: Serve
 # serializes the class when the decorator runs, capturing only the globals
 # that exist at that point.
+SSE_DONE = "data: [DONE]"  # the OpenAI stream's last event
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(app)
 class ShoalIngress(ShoalGrpcMixin):
@@ -144,6 +147,10 @@ class ShoalIngress(ShoalGrpcMixin):
             async for ref in gen:
                 sse = await ref
                 stamps.append(time.monotonic())
+                # Done once the last event is out: a client may hang up right
+                # after it, before the Ray stream reports its own end, and
+                # that is no disconnect (it was counted a 499 before).
+                finished = finished or sse.startswith(SSE_DONE)
                 yield sse
             finished = True
         except Exception as e:  # the worker died mid-stream: end with an error event
