@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -78,6 +78,32 @@ class ModelSpec(_Strict):
         return self.model_copy(update=update)
 
 
+class TimeshareConfig(_Strict):
+    """Token-level time-sharing of one device by the models of one family
+    (``cluster/timeshare.py``). Set on a device to turn it on there."""
+
+    # "token": preempted between decode steps when another model's requests
+    # run out of SLO slack (policies/slack.py); "aegaeon": Aegaeon's fixed
+    # decode quotas (policies/quota.py); "request": a model keeps the device
+    # until its requests are done (no preemption).
+    discipline: Literal["token", "aegaeon", "request"] = "token"
+    # Aegaeon's alpha floor: quotas aim each model's average TPOT at this
+    # fraction of its SLO; higher = longer turns, fewer switches.
+    slo_fraction: float = Field(0.5, gt=0, le=1)
+    # Aegaeon's 4 s bound on a turn; "token" serves a model whose oldest
+    # request has waited this long even when that request is already late.
+    max_round_s: float = Field(4.0, gt=0)
+    min_quota_s: float = Field(0.01, gt=0,
+                               description="shortest turn; how often turns are re-judged")
+    default_step_s: float = Field(0.02, gt=0, description="decode step assumed until measured")
+
+    @model_validator(mode="after")
+    def _quota_bounds(self) -> "TimeshareConfig":
+        if self.min_quota_s > self.max_round_s:
+            raise ValueError(f"min_quota_s ({self.min_quota_s}) > max_round_s ({self.max_round_s})")
+        return self
+
+
 class CPUDevice(_Strict):
     """A CPU "device": a declared slice of host memory that engines may use."""
 
@@ -91,6 +117,7 @@ class CPUDevice(_Strict):
     accelerator_type: str | None = None
     speed: float = Field(1.0, gt=0, description="relative decode throughput")
     cost_per_hour: float = Field(0.0, ge=0)
+    timeshare: TimeshareConfig | None = None
 
 
 class AcceleratorProfile(_Strict):
@@ -99,6 +126,7 @@ class AcceleratorProfile(_Strict):
     memory_bytes: int = Field(gt=0)
     speed: float = Field(1.0, gt=0)
     cost_per_hour: float = Field(0.0, ge=0)
+    timeshare: TimeshareConfig | None = None
 
 
 class DiscoveryConfig(_Strict):

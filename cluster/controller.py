@@ -186,10 +186,16 @@ class PlacementController:
         copies = {d: s["models"][model] for d, s in sorted(self.stats.items())
                   if model in s["models"]}
         states = {c["state"] for c in copies.values()}
-        state = next((s for s in ("active", "loading", "parked") if s in states), "cold")
+        # A time-shared copy serves while parked: the model counts as active.
+        state = "active" if any(c.get("servable") for c in copies.values()) else \
+            next((s for s in ("active", "loading", "parked") if s in states), "cold")
         d = self._demand(model, time.time())
         return {"name": model, "family": self.specs[model].family, "state": state,
                 "devices": {dev: c["state"] for dev, c in copies.items()},
+                # Per copy: time-shared or not, and its smoothed latencies.
+                "latency": {dev: {"timeshared": bool(c.get("timeshared")),
+                                  "ttft_s": c.get("ttft_s"), "tpot_s": c.get("tpot_s")}
+                            for dev, c in copies.items()},
                 "replicas": len(self.routes.get(model, [])), "queue": d.queue,
                 "inflight": d.inflight, "rate": round(d.rate, 4),
                 "problem": self.problems.get(model)}
@@ -281,7 +287,7 @@ class PlacementController:
         held = self.stats.pop(dev, {}).get("models", {})
         self.workers.pop(dev, None)
         for model, m in held.items():
-            if m["state"] in ("active", "loading"):
+            if m["state"] in ("active", "loading") or m.get("timeshared"):
                 self.displaced.add(model)
         self.log.append({"at": time.time(), "action": f"WorkerLost({dev})",
                          "models": sorted(held)})
@@ -290,7 +296,7 @@ class PlacementController:
         routes: dict[str, list[str]] = {}
         for dev in sorted(self.stats):
             for model, m in self.stats[dev]["models"].items():
-                if m["state"] == "active" and not m.get("draining") \
+                if m.get("servable", m["state"] == "active" and not m.get("draining")) \
                         and (model, dev) not in self._unrouted:
                     routes.setdefault(model, []).append(dev)
         if routes != self.routes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cluster.catalog import TimeshareConfig
 from cluster.errors import OverBudgetError
 
 
@@ -24,6 +25,8 @@ class DeviceSpec:
     cost_per_hour: float = 0.0
     # Ray resources the worker actor claims, e.g. {"GPU": 1}; none for CPU.
     claim: tuple[tuple[str, float], ...] = ()
+    # Same-family models take turns on one engine (cluster/timeshare.py); None = off.
+    timeshare: TimeshareConfig | None = None
 
 
 def sleep_mode_supported(kind: str) -> bool:

@@ -63,7 +63,7 @@ def discover_devices(nodes: list[dict], catalog: Catalog) -> list[DeviceSpec]:
                     vendor=vendor, accelerator_type=accel, node_id=node["NodeID"],
                     speed=prof.speed if prof else 1.0,
                     cost_per_hour=prof.cost_per_hour if prof else 0.0,
-                    claim=((resource, 1.0),)))
+                    claim=((resource, 1.0),), timeshare=prof.timeshare if prof else None))
     for cpu in catalog.cpu_devices:
         dev = _cpu_device(cpu, alive)
         if dev is not None:
@@ -82,4 +82,5 @@ def _cpu_device(cpu: CPUDevice, alive: list[dict]) -> DeviceSpec | None:
             return None
     return DeviceSpec(id=cpu.id, kind="cpu", memory_bytes=cpu.memory_bytes, vendor=cpu.vendor,
                       accelerator_type=cpu.accelerator_type, node_id=node["NodeID"],
-                      speed=cpu.speed, cost_per_hour=cpu.cost_per_hour)
+                      speed=cpu.speed, cost_per_hour=cpu.cost_per_hour,
+                      timeshare=cpu.timeshare)

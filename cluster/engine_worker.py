@@ -15,6 +15,13 @@ Model states::
 - parked: the weights are only in the host cache (CPU), or the shell sleeps
   (GPU sleep mode). Waking is a swap or ``wake_up``, never a disk read.
 
+Time-sharing (``device.timeshare`` set): the models of one family share one
+shell and take turns on it at token granularity (``cluster/timeshare.py``).
+Every such model, active (its weights in the shell now) or parked, serves
+requests; its scheduler does the swaps, so ``swap`` and ``park`` leave a
+member as it is, and a same-family ``load`` joins the group instead of
+starting an engine.
+
 Fault-tolerance contract: every control method either completes or leaves
 the registry and the memory accounting as they were before the call (a
 failed engine start releases its reservation and forgets the model). Control
@@ -25,6 +32,7 @@ streaming while another model loads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -34,13 +42,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.catalog import ModelSpec
+from cluster.catalog import SLO, ModelSpec, TimeshareConfig
 from cluster.checkpoint import CheckpointInfo, read_checkpoint
 from cluster.device import DeviceMemory, DeviceSpec, sleep_mode_supported
 from cluster.engine_shell import EngineShell
-from cluster.errors import (IncompatibleModelError, ModelBusyError, ModelNotActiveError,
-                            UnknownModelError)
+from cluster.errors import (BadRequestError, IncompatibleModelError, ModelBusyError,
+                            ModelNotActiveError, UnknownModelError)
 from cluster.request_stream import InflightRequest, RequestTracker, run_stream
+from cluster.timeshare import TimeShareScheduler
 from cluster.weight_cache import HostWeightCache
 
 log = logging.getLogger(__name__)
@@ -73,6 +82,7 @@ class EngineWorker:
         self.requests = RequestTracker()
         self._control = asyncio.Lock()
         self._shell_ids = itertools.count()
+        self.timeshare: dict[str, TimeShareScheduler] = {}  # shell id -> its scheduler
 
     # ------------------------------------------------------------------ control
     async def load(self, spec: dict | ModelSpec, park: bool = False) -> dict:
@@ -88,11 +98,17 @@ class EngineWorker:
         async with self._control:
             if spec.name in self.models:
                 entry = self.models[spec.name]
-                if not park and entry.state == PARKED:
+                if not park and entry.state == PARKED and self._scheduler(entry) is None:
                     return await self._wake(entry)
                 return self._model_status(spec.name)
             info = read_checkpoint(spec.path)
             spec = spec.resolved()
+            group = self._timeshare_shell(info.swap_signature)
+            if group is not None:  # joins the family's time-shared engine
+                self.cache.put(spec.name, spec.path)
+                self.models[spec.name] = ModelEntry(spec, info, PARKED)
+                await self.timeshare[group.id].prepare(spec.name)
+                return self._model_status(spec.name)
             if park:
                 self.cache.put(spec.name, spec.path)
                 self.models[spec.name] = ModelEntry(spec, info, PARKED)
@@ -115,8 +131,8 @@ class EngineWorker:
         """
         async with self._control:
             entry = self._entry(name)
-            if entry.state == ACTIVE:
-                return self._model_status(name)
+            if entry.state == ACTIVE or self._scheduler(entry) is not None:
+                return self._model_status(name)  # a member's turns are its scheduler's
             if entry.state != PARKED:
                 raise ModelNotActiveError(f"model {name!r} is {entry.state}, cannot swap in")
             shell = self._shell_for(entry, replace)
@@ -133,7 +149,7 @@ class EngineWorker:
         """
         async with self._control:
             entry = self._entry(name)
-            if entry.state == PARKED:
+            if entry.state == PARKED or self._scheduler(entry) is not None:
                 return self._model_status(name)
             self._require_idle(entry, "park")
             shell = self.shells[entry.shell_id]
@@ -152,21 +168,27 @@ class EngineWorker:
         takes over another model's engine (that is ``swap``)."""
         async with self._control:
             entry = self._entry(name)
-            if entry.state == ACTIVE:
-                return self._model_status(name)
+            if entry.state == ACTIVE or self._scheduler(entry) is not None:
+                return self._model_status(name)  # a time-sharing member serves as it is
             return await self._wake(entry)
 
     async def unload(self, name: str) -> dict:
         """Remove a model: abort its requests, free its shell, drop its cache."""
         async with self._control:
             entry = self._entry(name)
+            sched = self._scheduler(entry)
             entry.state = UNLOADING
             aborted = await self.requests.abort_model(
                 name, lambda rid: self._abort_in_engine(entry, rid),
                 reason=f"model {name!r} was unloaded")
-            shell = self.shells.get(entry.shell_id or "")
-            if shell is not None and shell.resident in (name, None):
-                self._close_shell(shell)
+            if sched is not None:
+                await sched.leave(name)  # its turn ends; its weights are never reused
+                if not self._members(sched.shell, besides=name):
+                    self._close_shell(sched.shell)
+            else:
+                shell = self.shells.get(entry.shell_id or "")
+                if shell is not None and shell.resident in (name, None):
+                    self._close_shell(shell)
             for s in self.shells.values():  # its prepared copies (CPU fast swap)
                 await s.forget(name)
             self.cache.drop(name)
@@ -191,10 +213,29 @@ class EngineWorker:
                 await asyncio.sleep(0.05)
             return moved
 
+    def set_timeshare(self, config: dict) -> dict:
+        """Retune time-sharing live (discipline, quotas) on this device's
+        shared engines; it must already be on. Returns the config in force."""
+        if self.device.timeshare is None:
+            raise BadRequestError(f"device {self.device.id!r} does not time-share "
+                                  f"(set timeshare in its catalog entry)")
+        cfg = TimeshareConfig.model_validate({**self.device.timeshare.model_dump(), **config})
+        self.device = dataclasses.replace(self.device, timeshare=cfg)
+        for sched in self.timeshare.values():
+            sched.cfg = cfg
+        return cfg.model_dump()
+
+    def set_slo(self, name: str, slo: dict) -> dict:
+        """A model's SLO changed in the catalog: time-sharing quotas follow it."""
+        entry = self._entry(name)
+        entry.spec = entry.spec.model_copy(update={"slo": SLO.model_validate(slo)})
+        return entry.spec.slo.model_dump()
+
     async def drop_vacant_shells(self) -> int:
         """Shut down shells that hold no model, freeing their memory."""
         async with self._control:
-            vacant = [s for s in self.shells.values() if s.resident is None and not s.sleeping]
+            vacant = [s for s in self.shells.values() if s.resident is None and not s.sleeping
+                      and not self._members(s)]
             for s in vacant:
                 self._close_shell(s)
             return len(vacant)
@@ -229,7 +270,17 @@ class EngineWorker:
         """One OpenAI request (``kind``: "chat" or "completions") through
         vLLM's own serving layer next to the model's engine; see
         ``cluster/openai_serving.py`` for what is yielded."""
-        entry, shell = self._serving(str(body.get("model")))
+        entry, backend = self._serving(str(body.get("model")))
+        sched = self._scheduler(entry)
+        if sched is not None:
+            # vLLM's serving layer keeps its request state in the engine, so
+            # it cannot be preempted: it holds the model's turn until done.
+            async with sched.exclusive(entry.spec.name):
+                serving = await sched.shell.openai(entry.spec.name, entry.spec.path)
+                async for item in serving.handle(self.requests, entry.spec.name, kind, body):
+                    yield item
+            return
+        shell = backend
         serving = await shell.openai(entry.spec.name, entry.spec.path)
         if self._serving(entry.spec.name)[1] is not shell:  # swapped out meanwhile
             raise ModelNotActiveError(f"model {entry.spec.name!r} left its engine; retry")
@@ -293,6 +344,7 @@ class EngineWorker:
                               "engine_unfinished": s.engine.get_num_unfinished_requests()}
                        for s in self.shells.values()},
             "models": {n: self._model_status(n) for n in self.models},
+            "timeshare": {sid: s.stats() for sid, s in self.timeshare.items()},
             "tokens_per_s": self.requests.tokens_per_s(None),
         }
 
@@ -307,8 +359,13 @@ class EngineWorker:
                                     f"loaded: {sorted(self.models)}")
         return entry
 
-    def _serving(self, name: str) -> tuple[ModelEntry, EngineShell]:
+    def _serving(self, name: str):
+        """The model's entry and what runs its requests: its shell, or its
+        lane of a time-shared shell (same generate/abort/tokenize)."""
         entry = self._entry(name)
+        sched = self._scheduler(entry)
+        if sched is not None and not entry.draining:
+            return entry, sched.lane(name)
         if entry.state != ACTIVE or entry.draining:
             state = "draining" if entry.draining else entry.state
             raise ModelNotActiveError(f"model {name!r} is {state} on device "
@@ -375,8 +432,48 @@ class EngineWorker:
             entry.state, entry.shell_id = PARKED, None
             raise
         self.shells[shell_id] = shell
+        if self.device.timeshare is not None:
+            self.timeshare[shell_id] = TimeShareScheduler(
+                shell, lambda name: self._timeshare_switch(shell, name),
+                self._slo_of,
+                self.device.timeshare)
         entry.state, entry.draining = ACTIVE, False
         return self._model_status(entry.spec.name)
+
+    # ------------------------------------------------------------ time-sharing
+    def _timeshare_shell(self, signature: str) -> EngineShell | None:
+        """The time-shared shell of this family on the device, if any."""
+        for sid, sched in self.timeshare.items():
+            if sched.shell.swap_signature == signature:
+                return sched.shell
+        return None
+
+    def _scheduler(self, entry: ModelEntry) -> TimeShareScheduler | None:
+        """The scheduler ``entry`` takes turns under, if it is a member
+        (loading = being switched in by it)."""
+        if entry.state not in (ACTIVE, PARKED, LOADING):
+            return None
+        shell = self._timeshare_shell(entry.info.swap_signature)
+        return self.timeshare[shell.id] if shell is not None else None
+
+    def _members(self, shell: EngineShell, besides: str | None = None) -> list[str]:
+        if shell.id not in self.timeshare:
+            return []
+        return [n for n, e in self.models.items() if n != besides
+                and e.state in (ACTIVE, PARKED, LOADING)
+                and e.info.swap_signature == shell.swap_signature]
+
+    def _slo_of(self, name: str) -> tuple[float, float]:
+        slo = self.models[name].spec.slo if name in self.models else SLO()
+        return slo.ttft_s, slo.tpot_s
+
+    async def _timeshare_switch(self, shell: EngineShell, name: str) -> float:
+        """The scheduler's switch: ``name``'s weights into the shared shell."""
+        entry = self.models.get(name)
+        if entry is None or entry.state not in (ACTIVE, PARKED):
+            raise ModelNotActiveError(f"model {name!r} is no longer on device {self.device.id!r}")
+        await self._swap_into(shell, entry)
+        return entry.last_swap_s or 0.0
 
     def _vacant_shell(self, signature: str) -> EngineShell | None:
         for s in self.shells.values():
@@ -399,11 +496,18 @@ class EngineWorker:
         return self._model_status(entry.spec.name)
 
     async def _abort_in_engine(self, entry: ModelEntry, request_id: str) -> None:
+        # Whatever the model's state now (an unloading one is no member any
+        # more), a request still held by a time-sharing scheduler ends there.
+        if any(sched.abort(request_id) for sched in self.timeshare.values()):
+            return
         shell = self.shells.get(entry.shell_id or "")
         if shell is not None:
             await shell.abort(request_id)
 
     def _close_shell(self, shell: EngineShell) -> None:
+        sched = self.timeshare.pop(shell.id, None)
+        if sched is not None:
+            sched.close()
         shell.shutdown()
         self.shells.pop(shell.id, None)
         self.memory.release(shell.id)
@@ -411,7 +515,14 @@ class EngineWorker:
     def _model_status(self, name: str) -> dict:
         e = self.models[name]
         counts = self.requests.counts(name)
+        sched = self._scheduler(e)
+        latency = self.requests.latency.get(name, {})
         return {"name": name, "state": e.state, "family": e.spec.family,
+                # Takes requests here now: active, or a time-sharing member.
+                "servable": not e.draining and (e.state == ACTIVE or sched is not None),
+                "timeshared": sched is not None,
+                "ttft_s": latency.get("ttft_s"), "tpot_s": latency.get("tpot_s"),
+                "turns": sched.model_stats(name) if sched is not None else None,
                 "architecture": e.info.architecture, "shell": e.shell_id,
                 "weights_bytes": e.spec.weights_bytes, "kv_cache_bytes": e.spec.kv_cache_bytes,
                 "running": counts["running"], "waiting": counts["waiting"], "draining": e.draining,

@@ -18,6 +18,7 @@ from cluster.errors import BadRequestError, PromptTooLongError, RequestAbortedEr
 
 DEFAULT_MAX_TOKENS = 16
 RATE_WINDOW_S = 10.0
+LATENCY_EWMA = 0.2  # weight of one finished request in the TTFT/TPOT estimates
 
 
 @dataclass
@@ -26,6 +27,7 @@ class InflightRequest:
     model: str
     prompt_token_ids: list[int]
     sampling: dict[str, Any]  # user sampling params, max_tokens as asked
+    arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None  # None while waiting for prefill
     abort_reason: str | None = None  # set when the worker ends the request
     moved: bool = False  # evacuated: the caller resumes it on another engine
@@ -43,6 +45,9 @@ class RequestTracker:
 
     inflight: dict[str, InflightRequest] = field(default_factory=dict)
     _tokens: deque = field(default_factory=deque)  # (time, model, n_tokens)
+    # model -> smoothed TTFT and TPOT of its finished requests here, the
+    # estimates the controller reads to judge a device overloaded.
+    latency: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     def get(self, request_id: str) -> InflightRequest | None:
         return self.inflight.get(request_id)
@@ -60,6 +65,13 @@ class RequestTracker:
         self._tokens.append((now, model, n))
         while self._tokens and self._tokens[0][0] < now - RATE_WINDOW_S:
             self._tokens.popleft()
+
+    def observe_latency(self, model: str, ttft_s: float | None, tpot_s: float | None) -> None:
+        est = self.latency.setdefault(model, {"ttft_s": None, "tpot_s": None})
+        for key, new in (("ttft_s", ttft_s), ("tpot_s", tpot_s)):
+            if new is not None:
+                old = est[key]
+                est[key] = new if old is None else (1 - LATENCY_EWMA) * old + LATENCY_EWMA * new
 
     def tokens_per_s(self, model: str | None) -> float:
         cutoff = time.monotonic() - RATE_WINDOW_S
@@ -118,7 +130,7 @@ async def run_stream(tracker: RequestTracker, shell, max_model_len: int,
             f"model {req.model!r} has a context of {max_model_len} tokens")
     if req.request_id in tracker.inflight:
         raise BadRequestError(f"request id {req.request_id!r} is already in flight")
-    first = {"request": req.description(), "num_generated": len(generated)}
+    first: dict[str, Any] = {"request": req.description(), "num_generated": len(generated)}
     remaining = req.sampling.get("max_tokens", DEFAULT_MAX_TOKENS) - len(generated)
     if remaining <= 0:  # a resume of a request that had already finished
         yield {**first, "token_ids": [], "text": "", "finished": True, "finish_reason": "length"}
@@ -126,18 +138,24 @@ async def run_stream(tracker: RequestTracker, shell, max_model_len: int,
     params = sampling_params(req.sampling, len(generated))
     tracker.inflight[req.request_id] = req
     n_generated, finished = len(generated), False
+    last_at = None
     try:
         async for out in _until_ended(shell.generate(ids, params, req.request_id), req):
             o = out.outputs[0]
+            last_at = time.monotonic()
             if req.first_token_at is None:
-                req.first_token_at = time.monotonic()
+                req.first_token_at = last_at
             n_generated += len(o.token_ids)
             tracker.record_tokens(req.model, len(o.token_ids))
             finished = out.finished
+            if "request" in first:  # prompt tokens vLLM found in its prefix cache
+                first["num_cached_tokens"] = out.num_cached_tokens or 0
             yield {**first, "token_ids": list(o.token_ids), "text": o.text,
                    "finished": finished, "finish_reason": o.finish_reason,
                    "num_generated": n_generated}
             first = {"num_generated": n_generated}
+        if finished:
+            _observe(tracker, req, len(generated), n_generated, last_at)
         if req.abort_reason:
             raise RequestAbortedError(f"request {req.request_id!r} aborted: {req.abort_reason}")
         if req.moved and not finished:
@@ -151,6 +169,17 @@ async def run_stream(tracker: RequestTracker, shell, max_model_len: int,
             # The consumer left (cancel/close) or an error broke the stream:
             # make sure vLLM stops spending compute on it.
             await shell.abort(req.request_id)
+
+
+def _observe(tracker: RequestTracker, req: InflightRequest, resumed_from: int,
+             n_generated: int, last_at: float) -> None:
+    """Feed a finished request's TTFT and TPOT to the model's estimates.
+    A resumed request's first token came after a re-prefill, not a queue
+    wait, so only its TPOT counts."""
+    n = n_generated - resumed_from
+    tpot = (last_at - req.first_token_at) / (n - 1) if n > 1 else None
+    ttft = None if resumed_from else req.first_token_at - req.arrived
+    tracker.observe_latency(req.model, ttft, tpot)
 
 
 async def _until_ended(outputs: AsyncIterator, req: InflightRequest) -> AsyncIterator:

@@ -6,7 +6,7 @@ HF directory: ``config.json``, ``model.safetensors``, a byte-level BPE
 and a chat template in ``tokenizer_config.json``.
 
 The set (see ``TINY_MODELS``):
-- ``tiny-llama-{a,b,c}``: one Llama architecture, three seeds. Same shapes and
+- ``tiny-llama-{a..h}``: one Llama architecture, eight seeds. Same shapes and
   tokenizer, so any of them can be swapped into another's engine in place.
 - ``tiny-qwen``: a different architecture (Qwen2), which must never be
   swapped into a Llama engine.
@@ -58,6 +58,10 @@ TINY_MODELS: tuple[TinyModel, ...] = (
     TinyModel("tiny-llama-b", "tiny-llama", "LlamaForCausalLM", seed=2),
     TinyModel("tiny-llama-c", "tiny-llama", "LlamaForCausalLM", seed=3),
     TinyModel("tiny-qwen", "tiny-qwen", "Qwen2ForCausalLM", seed=4),
+    # Five more seeds of the tiny Llama: eight models time-share one device
+    # in ``shoal bench timeshare``.
+    *(TinyModel(f"tiny-llama-{x}", "tiny-llama", "LlamaForCausalLM", seed=seed)
+      for seed, x in enumerate("defgh", start=5)),
     # ~100 MB of bf16 weights each: 15 layers of hidden 512.
     TinyModel("swap-llama-a", "swap-llama", "LlamaForCausalLM", seed=11,
               hidden_size=512, num_layers=15, intermediate_size=1536),

@@ -27,8 +27,10 @@ def placements(stats: dict[str, dict]) -> dict[str, list[Placement]]:
     for dev_id in sorted(stats):
         for name, m in stats[dev_id]["models"].items():
             if m["state"] in _VISIBLE:
-                out.setdefault(name, []).append(
-                    Placement(dev_id, m["state"], m["running"] + m["waiting"]))
+                out.setdefault(name, []).append(Placement(
+                    dev_id, m["state"], m["running"] + m["waiting"],
+                    timeshared=bool(m.get("timeshared")),
+                    ttft_s=m.get("ttft_s"), tpot_s=m.get("tpot_s")))
     return out
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from policies.actions import (EVICTION_REASON, Action, Load, Park, RequestCapacity, Swap,
                               Unload, Wake)
-from policies.choose import hosts_family, in_memory, is_empty, leftover
+from policies.choose import hosts_family, in_memory, is_empty, leftover, swappable_on
 from policies.classify import Heat, demand_key, eviction_order, has_demand
 from policies.plan import Planner
 from policies.view import ACTIVE, PARKED, ClusterView, DeviceView, ModelView
@@ -111,7 +111,7 @@ def _allowed(view: ClusterView, m: ModelView, heat: Heat, fast: bool, pred) -> l
 
 
 def _swap(plan: Planner, m: ModelView, heat: Heat, fast: bool) -> bool:
-    parked = set(m.on(PARKED))
+    parked = swappable_on(m)
     for d in _allowed(plan.view, m, heat, fast, lambda d: d.id in parked):
         r = _swap_partner(plan.view, m, d, heat)
         if r is not None:
@@ -122,7 +122,7 @@ def _swap(plan: Planner, m: ModelView, heat: Heat, fast: bool) -> bool:
 
 
 def _wake(plan: Planner, m: ModelView, heat: Heat, fast: bool) -> bool:
-    parked = set(m.on(PARKED))
+    parked = swappable_on(m)
     room = plan.view.free_bytes
     for d in _allowed(plan.view, m, heat, fast,
                       lambda d: d.id in parked and room(d.id) >= m.footprint):

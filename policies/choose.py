@@ -36,6 +36,20 @@ def swap_ready(view: ClusterView, m: ModelView) -> bool:
                for d in m.on(PARKED))
 
 
+def timeshare_served(m: ModelView) -> bool:
+    """Does a device time-share ``m`` within its TPOT SLO (as far as
+    measured)? Then it needs no copy in memory of its own. Over the SLO, the
+    device is overloaded and ``m`` must get a copy elsewhere."""
+    return any(p.timeshared and (p.tpot_s is None or p.tpot_s <= m.tpot_slo_s)
+               for p in m.placements)
+
+
+def swappable_on(m: ModelView) -> set[str]:
+    """Devices where ``m`` is parked and a policy swap or wake would act;
+    a time-shared copy's swaps are its device scheduler's, not the policy's."""
+    return {p.device for p in m.placements if p.state == PARKED and not p.timeshared}
+
+
 def fits(view: ClusterView, m: ModelView, d: DeviceView) -> bool:
     """Could one more active copy of ``m`` go on ``d`` right now?"""
     return m.allowed_on(d) and view.free_bytes(d.id) >= m.footprint

@@ -25,7 +25,8 @@ from types import MappingProxyType
 
 from policies.acquire import acquire, capacity_request, device_key
 from policies.actions import Action, ScaleIn, ScaleOut, Unload, Wake
-from policies.choose import IN_MEMORY, capacity_rps, cheap_first, fits, swap_ready
+from policies.choose import (IN_MEMORY, capacity_rps, cheap_first, fits, swap_ready,
+                             timeshare_served)
 from policies.classify import Heat, has_demand, priority_order
 from policies.consolidate import empty_one_device, give_hot_whole_devices
 from policies.plan import Planner
@@ -141,6 +142,7 @@ class DefaultPolicy:
     def _acquire(self, plan: Planner, heat: Heat) -> None:
         """Most wanted first, so whatever it displaces gets its turn after it.
 
+        A model a device time-shares within its TPOT SLO is served already.
         Requests waiting, a hot model or an unmet min_replicas need a copy in
         memory now, and ask for capacity if none can be had. A cold model
         with only a recent rate is content to rest parked next to an active
@@ -149,7 +151,7 @@ class DefaultPolicy:
         """
         for m in self._live(plan.view, heat):
             m = plan.view.model(m.name)
-            if m.on(*IN_MEMORY):
+            if m.on(*IN_MEMORY) or timeshare_served(m):
                 continue
             d = plan.view.demand_of(m.name)
             urgent = d.queue > 0 or d.inflight > 0 or m.min_replicas > 0 or m.name in heat.hot

@@ -37,6 +37,13 @@ class Placement:
     device: str
     state: str
     inflight: int = 0  # requests running or waiting on this copy
+    # Served by the device's token-level time-sharing: takes requests while
+    # parked, its turns decided on the device (cluster/timeshare.py).
+    timeshared: bool = False
+    # The copy's measured latencies (smoothed; None until measured): what
+    # shows a time-shared device overloaded.
+    ttft_s: float | None = None
+    tpot_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,11 @@ def test_sizes_are_read_from_the_checkpoint(tiny_models):
     ({"models": [{"name": "x", "path": "/p", "family": "f"},
                  {"name": "x", "path": "/q", "family": "f"}]}, "duplicate model name"),
     ({"cpu_devices": [{"id": "c", "memory_bytes": 0}]}, "cpu_devices.0.memory_bytes"),
+    ({"cpu_devices": [{"id": "c", "memory_bytes": 1, "timeshare": {"discipline": "fair"}}]},
+     "cpu_devices.0.timeshare.discipline"),
+    ({"discovery": {"accelerators": {"L4": {
+        "memory_bytes": 1, "timeshare": {"min_quota_s": 5, "max_round_s": 1}}}}},
+     "discovery.accelerators.L4.timeshare"),
 ])
 def test_invalid_catalog_names_the_field(bad, field):
     with pytest.raises(CatalogError, match=field.replace(".", r"\.")):

@@ -494,3 +494,27 @@ def test_policies_import_no_ray_vllm_or_cluster():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'vllm', 'cluster')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- time-shared devices -------------------------------------------------------
+
+def _ts_view(tpot_s):
+    b = ModelView(name="b", family="llama", weights_bytes=40, kv_cache_bytes=0, tpot_slo_s=0.1,
+                  placements=(Placement("d0", PARKED, 1, timeshared=True, tpot_s=tpot_s),))
+    a = mdl("a", ("d0", ACTIVE, 1))
+    a = ModelView(**{**a.__dict__, "placements": (Placement("d0", ACTIVE, 1, timeshared=True),)})
+    return cluster([dev("d0"), dev("d1")], [a, b], a=wants(queue=1), b=wants(queue=1))
+
+
+def test_a_time_shared_model_within_its_slo_needs_no_copy_of_its_own():
+    """Requests wait for b, parked on d0; but d0 time-shares it: no swap, no load."""
+    assert decide(_ts_view(tpot_s=0.05)) == []
+    assert decide(_ts_view(tpot_s=None)) == []  # not measured yet: trusted
+
+
+def test_an_overloaded_time_shared_model_gets_a_copy_elsewhere():
+    """b's measured TPOT is over its SLO on d0: the device is overloaded, so
+    b gets an engine on the free device (never a swap on d0, whose turns
+    are its scheduler's)."""
+    actions = decide(_ts_view(tpot_s=0.3))
+    assert [(type(x), x.model, x.device) for x in actions] == [(Load, "b", "d1")]
