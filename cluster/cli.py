@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 
 
@@ -15,7 +17,29 @@ def _make_test_models(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send everything written to fd 1 (vLLM's logs, its engine processes'
+    too) to stderr, so a benchmark's stdout is its JSON alone."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _bench(args) -> int:
+    with _stdout_to_stderr():
+        result = _run_bench(args)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def _run_bench(args) -> dict:
     if args.what == "swap":
         from cluster.bench_swap import run_swap_bench
 
@@ -24,10 +48,17 @@ def _bench(args) -> int:
         from cluster.bench_overhead import run_overhead_bench
 
         result = run_overhead_bench(args.models_dir, requests=args.requests)
+    elif args.what == "timeshare":
+        from cluster.bench_timeshare import run_timeshare_bench
+
+        result = run_timeshare_bench(args.models_dir, rates=args.rates,
+                                     requests=args.trace_requests, seed=args.seed,
+                                     plot=args.plot or None, disciplines=args.disciplines,
+                                     output=(args.output_median, args.output_sigma,
+                                             args.output_max))
     else:  # argparse restricts choices
         raise AssertionError(args.what)
-    print(json.dumps(result, indent=None if args.json else 2))
-    return 0
+    return result
 
 
 def _demo(args) -> int:
@@ -70,11 +101,25 @@ def main(argv: list[str] | None = None) -> int:
     m.set_defaults(fn=_make_test_models)
 
     b = sub.add_parser("bench", help="benchmarks that print one JSON object")
-    b.add_argument("what", choices=["swap", "overhead"])
+    b.add_argument("what", choices=["swap", "overhead", "timeshare"])
     b.add_argument("--json", action="store_true", help="one line of JSON")
     b.add_argument("--models-dir", default=".shoal/models")
     b.add_argument("--swaps", type=int, default=10, help="swap: swaps to time")
     b.add_argument("--requests", type=int, default=30, help="overhead: requests per path")
+    b.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1, 1.5, 2],
+                   help="timeshare: total arrival rates to sweep (requests/s)")
+    b.add_argument("--disciplines", nargs="+", default=["token", "request"],
+                   help="timeshare: token, aegaeon and/or request")
+    b.add_argument("--trace-requests", type=int, default=40,
+                   help="timeshare: requests per rate")
+    b.add_argument("--seed", type=int, default=0, help="timeshare: trace seed")
+    b.add_argument("--output-median", type=float, default=250,
+                   help="timeshare: median output tokens (lognormal)")
+    b.add_argument("--output-sigma", type=float, default=1.0,
+                   help="timeshare: spread of the lognormal output lengths")
+    b.add_argument("--output-max", type=int, default=1800, help="timeshare: output cap")
+    b.add_argument("--plot", default="bench-results/timeshare.png",
+                   help="timeshare: where to save the attainment plot ('' = none)")
     b.set_defaults(fn=_bench)
 
     u = sub.add_parser("up", help="start the controller and the OpenAI front door")

@@ -1,0 +1,262 @@
+"""``shoal bench timeshare``: token-level vs request-level time-sharing.
+
+Eight same-architecture tiny models on one CPU device whose memory budget
+holds one model at a time: one engine, the models swapped in place. The same
+seeded Poisson trace of streaming requests (uniform over the models,
+ShareGPT-like lognormal output lengths) is replayed at a sweep of total
+rates under two disciplines of the device scheduler (``cluster/timeshare.py``):
+
+- ``token``: Shoal's slack-driven turns, preempted between decode steps;
+- ``aegaeon``: Aegaeon's fixed decode quotas, preempted likewise;
+- ``request``: a model keeps the device until its requests are done.
+
+SLOs are Aegaeon's defaults (TTFT 10 s, TPOT 100 ms, for a batched decode
+step of about 25 ms on its GPUs) scaled by this machine's measured decode
+step at a batch of ``STEP_BATCH``: ``scale = step / 0.025``; its 4 s round
+bound is scaled alike. A request meets the SLO if its TTFT
+and its TPOT (mean gap between tokens after the first) are both within.
+``sustainable_rate`` is the highest swept rate at or below which every rate
+reaches 95% attainment.
+
+The worker runs in this process, without Ray: the benchmark measures the
+device scheduler, not the transport, which both disciplines share anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from cluster.catalog import SLO, ModelSpec, TimeshareConfig
+from cluster.device import DeviceSpec
+from cluster.engine_worker import EngineWorker
+from cluster.tiny_models import make_test_models
+
+MODELS = [f"tiny-llama-{x}" for x in "abcdefgh"]
+KV_BYTES = 64 * 2**20
+AEGAEON_SLO = {"ttft_s": 10.0, "tpot_s": 0.1}
+AEGAEON_STEP_S = 0.025  # decode step its SLOs were set against (7-13B on H800, approx.)
+ATTAINMENT_GOAL = 0.95
+DISCIPLINES = ("token", "aegaeon", "request")
+# ShareGPT-like outputs (mean ~340 tokens, a long tail): a lognormal of
+# this median and spread, clipped to the context the bench gives the models.
+OUTPUT_MEDIAN, OUTPUT_SIGMA, OUTPUT_MAX = 250, 1.0, 1800
+MAX_MODEL_LEN = 2048  # the tiny models' max_position_embeddings
+STEP_BATCH = 8  # the SLO scale's basis: a decode step at this batch size
+
+
+def make_trace(rate: float, n: int, seed: int, vocab: int,
+               output: tuple[float, float, int] = (OUTPUT_MEDIAN, OUTPUT_SIGMA, OUTPUT_MAX)
+               ) -> list[dict]:
+    """``n`` requests: Poisson arrivals at ``rate``/s, models uniform,
+    prompts 16-96 tokens, outputs ``output`` = (median, sigma, max) of a
+    lognormal clipped to [8, max]."""
+    median, sigma, most = output
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t, out = 0.0, []
+    for i in range(n):
+        t += rng.exponential(1.0 / rate)
+        out.append({"at": t, "model": MODELS[int(rng.integers(len(MODELS)))],
+                    "prompt_token_ids": [int(x) for x in
+                                         rng.integers(16, vocab - 1, int(rng.integers(16, 97)))],
+                    "max_tokens": int(np.clip(rng.lognormal(math.log(median), sigma), 8, most)),
+                    "id": f"r{i}"})
+    return out
+
+
+async def _one(worker: EngineWorker, req: dict, t0: float) -> dict:
+    await asyncio.sleep(max(0.0, t0 + req["at"] - time.monotonic()))
+    sent = time.monotonic()
+    times, n = [], 0
+    async for chunk in worker.generate(req["model"], prompt_token_ids=req["prompt_token_ids"],
+                                       sampling={"temperature": 0.0, "ignore_eos": True,
+                                                 "max_tokens": req["max_tokens"]}):
+        if chunk["token_ids"]:
+            times.append(time.monotonic())
+            n += len(chunk["token_ids"])
+    ttft = times[0] - sent
+    tpot = (times[-1] - times[0]) / (n - 1) if n > 1 else 0.0
+    return {"ttft_s": ttft, "tpot_s": tpot, "tokens": n}
+
+
+def _pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+async def _replay(worker: EngineWorker, trace: list[dict], slo: SLO) -> dict:
+    (sched,) = worker.timeshare.values()
+    before = sched.stats()
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(_one(worker, r, t0) for r in trace))
+    wall = time.monotonic() - t0
+    after = sched.stats()
+    d = {k: after[k] - before[k] for k in ("switches", "preemptions", "swap_s",
+                                           "restart_s", "busy_s")}
+    ok = [r["ttft_s"] <= slo.ttft_s and r["tpot_s"] <= slo.tpot_s for r in results]
+    ttft, tpot = [r["ttft_s"] for r in results], [r["tpot_s"] for r in results]
+    return {"slo_attainment": round(sum(ok) / len(ok), 4),
+            "ttft_misses": sum(r["ttft_s"] > slo.ttft_s for r in results),
+            "tpot_misses": sum(r["tpot_s"] > slo.tpot_s for r in results),
+            "ttft_s_p50": _pct(ttft, 50), "ttft_s_p99": _pct(ttft, 99),
+            "tpot_s_p50": _pct(tpot, 50), "tpot_s_p99": _pct(tpot, 99),
+            "switches": d["switches"], "preemptions": d["preemptions"],
+            "switch_fraction": round((d["swap_s"] + d["restart_s"]) / d["busy_s"], 4)
+            if d["busy_s"] else 0.0,
+            "tokens_per_s": round(sum(r["tokens"] for r in results) / wall, 1),
+            "duration_s": round(wall, 2)}
+
+
+def sustainable(by_rate: list[dict]) -> float:
+    """Highest rate such that it and every lower swept rate meet the goal."""
+    best = 0.0
+    for row in sorted(by_rate, key=lambda r: r["rate"]):
+        if row["slo_attainment"] < ATTAINMENT_GOAL:
+            break
+        best = row["rate"]
+    return best
+
+
+async def _one_step(worker: EngineWorker, seed: int) -> float:
+    ids = [16 + (seed * 7 + i) % 400 for i in range(32)]
+    times = []
+    async for chunk in worker.generate(MODELS[0], prompt_token_ids=ids,
+                                       sampling={"temperature": 0.0, "max_tokens": 64,
+                                                 "ignore_eos": True}):
+        times += [time.monotonic()] * len(chunk["token_ids"])
+    return (times[-1] - times[0]) / (len(times) - 1)
+
+
+async def _measure_step(worker: EngineWorker, batch: int = STEP_BATCH, runs: int = 3) -> float:
+    """Decode seconds per step of one model with ``batch`` requests at once,
+    as its requests see it (the gap between their tokens): the median over
+    ``runs`` rounds after a warm-up (single requests vary by 2x here)."""
+    per_run = []
+    for k in range(runs + 1):
+        gaps = await asyncio.gather(*(_one_step(worker, k * batch + i) for i in range(batch)))
+        per_run.append(statistics.median(gaps))
+    return statistics.median(per_run[1:])
+
+
+async def _bench(models_dir: str, rates: list[float], requests: int, seed: int,
+                 plot: str | None, disciplines: tuple[str, ...],
+                 output: tuple[float, float, int]) -> dict:
+    paths = make_test_models(models_dir, MODELS)
+    specs = [ModelSpec(name=m, path=str(paths[m]), family="tiny-llama",
+                       max_model_len=MAX_MODEL_LEN,
+                       kv_cache_bytes=KV_BYTES).resolved() for m in MODELS]
+    footprint = specs[0].weights_bytes + KV_BYTES
+    device = DeviceSpec("bench-timeshare", "cpu", footprint + 2**20,
+                        timeshare=TimeshareConfig(discipline="token"))
+    worker = EngineWorker(device)
+    try:
+        t = time.monotonic()
+        for s in specs:  # the first starts the engine; the rest join and are prepared
+            await worker.load(s)
+        setup_s = time.monotonic() - t
+        vocab = json.loads((paths[MODELS[0]] / "config.json").read_text())["vocab_size"]
+        step = await _measure_step(worker)
+        scale = step / AEGAEON_STEP_S
+        slo = SLO(ttft_s=AEGAEON_SLO["ttft_s"] * scale, tpot_s=AEGAEON_SLO["tpot_s"] * scale)
+        for m in MODELS:
+            worker.set_slo(m, slo.model_dump())
+        print(f"[timeshare] measured step {step * 1e3:.2f} ms at batch {STEP_BATCH}: "
+              f"SLO TTFT {slo.ttft_s:.3f} s, TPOT {slo.tpot_s * 1e3:.2f} ms", file=sys.stderr)
+        # Aegaeon's round bound is in the same units as its SLOs: scale it too.
+        max_round_s = TimeshareConfig().max_round_s * scale
+        out: dict = {"models": len(MODELS), "device_budget_bytes": device.memory_bytes,
+                     "model_footprint_bytes": footprint, "engines": len(worker.shells),
+                     "setup_s": round(setup_s, 2),
+                     "slo": {"ttft_s": round(slo.ttft_s, 4), "tpot_s": round(slo.tpot_s, 4),
+                             "scale": round(scale, 4), "measured_step_s": round(step, 5),
+                             "max_round_s": round(max_round_s, 4),
+                             "step_batch": STEP_BATCH,
+                             "basis": "Aegaeon TTFT 10 s / TPOT 100 ms at a ~25 ms step"},
+                     "trace": {"seed": seed, "requests_per_rate": requests, "rates": rates,
+                               "arrivals": "poisson", "models": "uniform",
+                               "output_tokens": {"lognormal_median": output[0],
+                                                 "sigma": output[1], "min": 8, "max": output[2]},
+                               "prompt_tokens": "16-96"}}
+        for disc in disciplines:
+            worker.set_timeshare({"discipline": disc, "max_round_s": max_round_s,
+                                  "min_quota_s": min(TimeshareConfig().min_quota_s,
+                                                     max_round_s)})
+            rows = []
+            for rate in rates:
+                trace = make_trace(rate, requests, seed, vocab, output)
+                row = {"rate": rate, **await _replay(worker, trace, slo)}
+                rows.append(row)
+                print(f"[timeshare] {disc:7s} rate {rate:5.2f}/s: attainment "
+                      f"{row['slo_attainment']:.2f} (TTFT misses {row['ttft_misses']}, "
+                      f"TPOT misses {row['tpot_misses']})", file=sys.stderr)
+            out[disc] = {"sustainable_rate": sustainable(rows), "by_rate": rows}
+        if "token" in out and "request" in out:
+            tok, req = out["token"]["sustainable_rate"], out["request"]["sustainable_rate"]
+            out["token_over_request"] = round(tok / req, 3) if req else None
+            out["goal_token_at_least_2x_request"] = (tok >= 2 * req) if req else tok > 0
+        if plot:
+            out["plot"] = _plot(out, plot)
+        _table(out)
+        return out
+    finally:
+        await worker.shutdown()
+
+
+def _table(out: dict) -> None:
+    """A human-readable summary on stderr (stdout stays one JSON object)."""
+    head = f"{'discipline':10s} {'rate':>6s} {'attain':>7s} {'TTFT p50':>9s} {'TTFT p99':>9s} " \
+           f"{'TPOT p50':>9s} {'TPOT p99':>9s} {'switches':>8s} {'switch%':>8s}"
+    print(head, file=sys.stderr)
+    for disc in [d for d in DISCIPLINES if d in out]:
+        for r in out[disc]["by_rate"]:
+            print(f"{disc:10s} {r['rate']:6.2f} {r['slo_attainment']:7.2f} {r['ttft_s_p50']:9.3f} "
+                  f"{r['ttft_s_p99']:9.3f} {r['tpot_s_p50']:9.4f} {r['tpot_s_p99']:9.4f} "
+                  f"{r['switches']:8d} {100 * r['switch_fraction']:7.1f}%", file=sys.stderr)
+    rates = ", ".join(f"{d} {out[d]['sustainable_rate']}/s" for d in DISCIPLINES if d in out)
+    print(f"SLO: TTFT {out['slo']['ttft_s']} s, TPOT {out['slo']['tpot_s']} s; "
+          f"sustainable rate: {rates}", file=sys.stderr)
+
+
+def _plot(out: dict, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for disc in [d for d in DISCIPLINES if d in out]:
+        rows = out[disc]["by_rate"]
+        ax.plot([r["rate"] for r in rows], [r["slo_attainment"] for r in rows], marker="o",
+                label=f"{disc} (sustainable {out[disc]['sustainable_rate']}/s)")
+    ax.axhline(ATTAINMENT_GOAL, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("total arrival rate (requests/s)")
+    ax.set_ylabel("SLO attainment")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{out['models']} models time-sharing one device")
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def run_timeshare_bench(models_dir: str, rates: list[float], requests: int = 40,
+                        seed: int = 0, plot: str | None = "timeshare.png",
+                        disciplines: tuple[str, ...] = ("token", "request"),
+                        output: tuple[float, float, int] = (OUTPUT_MEDIAN, OUTPUT_SIGMA,
+                                                            OUTPUT_MAX)) -> dict:
+    unknown = set(disciplines) - set(DISCIPLINES)
+    if unknown:
+        raise ValueError(f"unknown discipline(s) {sorted(unknown)}; choose from {DISCIPLINES}")
+    if not 8 <= output[2] <= MAX_MODEL_LEN - 100:
+        raise ValueError(f"output max must be in [8, {MAX_MODEL_LEN - 100}], got {output[2]}")
+    return asyncio.run(_bench(models_dir, rates, requests, seed, plot, tuple(disciplines),
+                              output))
