@@ -125,13 +125,9 @@ def sustainable(by_rate: list[dict]) -> float:
 
 
 async def _one_step(worker: EngineWorker, seed: int) -> float:
-    ids = [16 + (seed * 7 + i) % 400 for i in range(32)]
-    times = []
-    async for chunk in worker.generate(MODELS[0], prompt_token_ids=ids,
-                                       sampling={"temperature": 0.0, "max_tokens": 64,
-                                                 "ignore_eos": True}):
-        times += [time.monotonic()] * len(chunk["token_ids"])
-    return (times[-1] - times[0]) / (len(times) - 1)
+    req = {"at": 0.0, "model": MODELS[0], "max_tokens": 64,
+           "prompt_token_ids": [16 + (seed * 7 + i) % 400 for i in range(32)]}
+    return (await _one(worker, req, time.monotonic()))["tpot_s"]
 
 
 async def _measure_step(worker: EngineWorker, batch: int = STEP_BATCH, runs: int = 3) -> float:

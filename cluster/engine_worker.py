@@ -49,7 +49,7 @@ from cluster.engine_shell import EngineShell
 from cluster.errors import (BadRequestError, IncompatibleModelError, ModelBusyError,
                             ModelNotActiveError, UnknownModelError)
 from cluster.request_stream import InflightRequest, RequestTracker, run_stream
-from cluster.timeshare import TimeShareScheduler
+from cluster.timeshare import Lane, TimeShareScheduler
 from cluster.weight_cache import HostWeightCache
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,11 @@ class EngineWorker:
                 return self._model_status(spec.name)
             info = read_checkpoint(spec.path)
             spec = spec.resolved()
-            group = self._timeshare_shell(info.swap_signature)
+            group = self._group(info.swap_signature)
             if group is not None:  # joins the family's time-shared engine
                 self.cache.put(spec.name, spec.path)
                 self.models[spec.name] = ModelEntry(spec, info, PARKED)
-                await self.timeshare[group.id].prepare(spec.name)
+                await group.prepare(spec.name)
                 return self._model_status(spec.name)
             if park:
                 self.cache.put(spec.name, spec.path)
@@ -183,7 +183,7 @@ class EngineWorker:
                 reason=f"model {name!r} was unloaded")
             if sched is not None:
                 await sched.leave(name)  # its turn ends; its weights are never reused
-                if not self._members(sched.shell, besides=name):
+                if not self._members(sched):  # it was the last: the engine goes
                     self._close_shell(sched.shell)
             else:
                 shell = self.shells.get(entry.shell_id or "")
@@ -235,7 +235,7 @@ class EngineWorker:
         """Shut down shells that hold no model, freeing their memory."""
         async with self._control:
             vacant = [s for s in self.shells.values() if s.resident is None and not s.sleeping
-                      and not self._members(s)]
+                      and not (s.id in self.timeshare and self._members(self.timeshare[s.id]))]
             for s in vacant:
                 self._close_shell(s)
             return len(vacant)
@@ -270,17 +270,16 @@ class EngineWorker:
         """One OpenAI request (``kind``: "chat" or "completions") through
         vLLM's own serving layer next to the model's engine; see
         ``cluster/openai_serving.py`` for what is yielded."""
-        entry, backend = self._serving(str(body.get("model")))
-        sched = self._scheduler(entry)
-        if sched is not None:
+        entry, shell = self._serving(str(body.get("model")))
+        if isinstance(shell, Lane):
             # vLLM's serving layer keeps its request state in the engine, so
             # it cannot be preempted: it holds the model's turn until done.
+            sched = shell.scheduler
             async with sched.exclusive(entry.spec.name):
                 serving = await sched.shell.openai(entry.spec.name, entry.spec.path)
                 async for item in serving.handle(self.requests, entry.spec.name, kind, body):
                     yield item
             return
-        shell = backend
         serving = await shell.openai(entry.spec.name, entry.spec.path)
         if self._serving(entry.spec.name)[1] is not shell:  # swapped out meanwhile
             raise ModelNotActiveError(f"model {entry.spec.name!r} left its engine; retry")
@@ -441,27 +440,21 @@ class EngineWorker:
         return self._model_status(entry.spec.name)
 
     # ------------------------------------------------------------ time-sharing
-    def _timeshare_shell(self, signature: str) -> EngineShell | None:
-        """The time-shared shell of this family on the device, if any."""
-        for sid, sched in self.timeshare.items():
-            if sched.shell.swap_signature == signature:
-                return sched.shell
-        return None
+    def _group(self, signature: str) -> TimeShareScheduler | None:
+        """The scheduler of this family's time-shared shell here, if any."""
+        return next((s for s in self.timeshare.values()
+                     if s.shell.swap_signature == signature), None)
 
     def _scheduler(self, entry: ModelEntry) -> TimeShareScheduler | None:
         """The scheduler ``entry`` takes turns under, if it is a member
         (loading = being switched in by it)."""
         if entry.state not in (ACTIVE, PARKED, LOADING):
             return None
-        shell = self._timeshare_shell(entry.info.swap_signature)
-        return self.timeshare[shell.id] if shell is not None else None
+        return self._group(entry.info.swap_signature)
 
-    def _members(self, shell: EngineShell, besides: str | None = None) -> list[str]:
-        if shell.id not in self.timeshare:
-            return []
-        return [n for n, e in self.models.items() if n != besides
-                and e.state in (ACTIVE, PARKED, LOADING)
-                and e.info.swap_signature == shell.swap_signature]
+    def _members(self, sched: TimeShareScheduler) -> list[str]:
+        """The models that take turns under ``sched``."""
+        return [n for n, e in self.models.items() if self._scheduler(e) is sched]
 
     def _slo_of(self, name: str) -> tuple[float, float]:
         slo = self.models[name].spec.slo if name in self.models else SLO()

@@ -18,7 +18,12 @@ from cluster.errors import BadRequestError, PromptTooLongError, RequestAbortedEr
 
 DEFAULT_MAX_TOKENS = 16
 RATE_WINDOW_S = 10.0
-LATENCY_EWMA = 0.2  # weight of one finished request in the TTFT/TPOT estimates
+EWMA_WEIGHT = 0.2  # weight of one new sample in the smoothed estimates
+
+
+def ewma(old: float | None, new: float) -> float:
+    """Exponentially weighted moving average; the first sample is taken as is."""
+    return new if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * new
 
 
 @dataclass
@@ -70,8 +75,7 @@ class RequestTracker:
         est = self.latency.setdefault(model, {"ttft_s": None, "tpot_s": None})
         for key, new in (("ttft_s", ttft_s), ("tpot_s", tpot_s)):
             if new is not None:
-                old = est[key]
-                est[key] = new if old is None else (1 - LATENCY_EWMA) * old + LATENCY_EWMA * new
+                est[key] = ewma(est[key], new)
 
     def tokens_per_s(self, model: str | None) -> float:
         cutoff = time.monotonic() - RATE_WINDOW_S

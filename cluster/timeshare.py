@@ -58,6 +58,7 @@ from typing import Any
 
 from cluster.catalog import TimeshareConfig
 from cluster.errors import ModelNotActiveError
+from cluster.request_stream import ewma
 from policies.quota import decode_quotas
 from policies.slack import ModelSlack, RequestTiming, laxity, next_model, summarize
 
@@ -66,7 +67,6 @@ log = logging.getLogger(__name__)
 TOKEN, AEGAEON, REQUEST = "token", "aegaeon", "request"
 _END = object()  # ends a request's output queue
 SWITCH_SHARE = 8  # "token": turns last ~8 switch costs
-EWMA = 0.2  # weight of a new sample in the step-time and switch-cost estimates
 
 
 @dataclass(eq=False)
@@ -197,13 +197,8 @@ class TimeShareScheduler:
 
     def close(self) -> None:
         self._task.cancel()
-        for q in self.queues.values():
-            for req in q.values():
-                if req.pump is not None:
-                    req.pump.cancel()
-                req.out.put_nowait(ModelNotActiveError(
-                    f"model {req.model!r}: its engine was shut down"))
-        self.queues.clear()
+        for model in list(self.queues):
+            self._fail(model, ModelNotActiveError(f"model {model!r}: its engine was shut down"))
 
     def model_stats(self, model: str) -> dict:
         """Its requests by where they are, and its estimates."""
@@ -265,7 +260,7 @@ class TimeShareScheduler:
                 if prev is None and done and self._turn_first is None:
                     self._turn_first = now
                 if prev is not None and n:
-                    est.step_s = _ewma(est.step_s, (now - prev) / n)
+                    est.step_s = ewma(est.step_s, (now - prev) / n)
                 prev = now
                 if req.first_at is None and n:
                     req.first_at = now
@@ -273,20 +268,15 @@ class TimeShareScheduler:
                 req.out.put_nowait(out)
                 if out.finished:
                     req.out.put_nowait(_END)
-                    self._drop_finished(req)
-                    return
+                    break
+            else:
+                return  # the engine stream ended unfinished: left to the turn
         except asyncio.CancelledError:
-            raise
+            raise  # preempted or dropped: whoever cancelled it cleans up
         except Exception as e:  # noqa: BLE001 - handed to the request's consumer
             req.out.put_nowait(e)
-            self._drop_finished(req)
-
-    def _drop_finished(self, req: _Req) -> None:
-        q = self.queues.get(req.model, {})
-        if q.get(req.rid) is req:
-            del q[req.rid]
-        req.pump = None
-        self._wake.set()
+        req.pump = None  # this task is ending: nothing for _drop to cancel
+        self._drop(req)
 
     async def _run(self) -> None:
         """The device loop. It must outlive any one failure: every request
@@ -322,9 +312,8 @@ class TimeShareScheduler:
         busy = [m for m in self._order if self.queues.get(m)]
         if not busy:
             return None
-        oldest = {m: min(r.arrived for r in self.queues[m].values()) for m in busy}
-        if self.cfg.discipline == REQUEST:
-            return min(busy, key=lambda m: (oldest[m], m))
+        if self.cfg.discipline == REQUEST:  # the model of the oldest request
+            return min(busy, key=lambda m: (min(r.arrived for r in self.queues[m].values()), m))
         now = time.monotonic()
         if self.cfg.discipline == TOKEN:
             nxt, self._next = self._next, None
@@ -376,7 +365,7 @@ class TimeShareScheduler:
             end = time.monotonic()
             if resumed and self._turn_first is not None:
                 cost = (self._turn_first - self._turn_started) + (self._turn_started - t0)
-                est.switch_s = _ewma(est.switch_s, cost)
+                est.switch_s = ewma(est.switch_s, cost)
                 self.restart_s += self._turn_first - self._turn_started
             est.last_turn_end = end
             self.busy_s += end - t0
@@ -430,15 +419,15 @@ class TimeShareScheduler:
             # while it still has that much slack, plus two steps of error.
             [self._slack(m, now) for m in busy], margin_s=self.cfg.min_quota_s + 2 * step,
             # Turns of about this length keep switching under 1/SWITCH_SHARE of the time.
-            hysteresis_s=max(self.cfg.min_quota_s, SWITCH_SHARE * self._mean_switch()),
-            prefill_turn_s=2 * self._mean_switch() + self.cfg.min_quota_s,
+            hysteresis_s=max(self.cfg.min_quota_s, SWITCH_SHARE * self._known_mean("switch_s")),
+            prefill_turn_s=2 * self._known_mean("switch_s") + self.cfg.min_quota_s,
             starve_s=self.cfg.max_round_s, capacity=1 - 1 / SWITCH_SHARE)
 
     def _slack(self, model: str, now: float, waiting: bool = True) -> ModelSlack:
         ttft_slo, tpot_slo = self._slo(model)
         e = self.est.get(model, _Estimate())
         step = self._step(model)
-        switch = e.switch_s or self._mean_switch()
+        switch = e.switch_s or self._known_mean("switch_s")
         reqs = list(self.queues.get(model, {}).values())
         lax = [laxity(_timing(r), now, ttft_slo, tpot_slo, step, switch) for r in reqs]
         oldest = min((r.arrived for r in reqs), default=now)
@@ -453,11 +442,13 @@ class TimeShareScheduler:
         e = self.est.get(model)
         if e is not None and e.step_s:
             return e.step_s
-        known = [x.step_s for x in self.est.values() if x.step_s]
-        return sum(known) / len(known) if known else self.cfg.default_step_s
+        return self._known_mean("step_s") or self.cfg.default_step_s
 
-    def _mean_switch(self) -> float:
-        known = [e.switch_s for e in self.est.values() if e.switch_s]
+    def _known_mean(self, attr: str, models: list[str] | None = None) -> float:
+        """Mean of the measured ``attr`` ("step_s", "switch_s") over
+        ``models`` (default: all); 0.0 while none is measured."""
+        known = [v for m, e in self.est.items()
+                 if (models is None or m in models) and (v := getattr(e, attr))]
         return sum(known) / len(known) if known else 0.0
 
     async def _preempt(self, model: str) -> None:
@@ -481,13 +472,11 @@ class TimeShareScheduler:
         busy = [m for m in self._order if self.queues.get(m)]
         if len(busy) < 2:
             return math.inf  # alone: never preempted (re-checked as others arrive)
-        known = [e.switch_s for m in busy if (e := self.est.get(m)) and e.switch_s]
-        if not known:  # nothing measured yet: switch soon and learn the cost
+        guess = self._known_mean("switch_s", busy)  # for models not yet measured
+        if not guess:  # nothing measured yet: switch soon and learn the cost
             return self.cfg.min_quota_s
-        guess = sum(known) / len(known)  # for models not yet measured
         step = {m: self._step(m) for m in busy}
-        switch = sum((self.est[m].switch_s if m in self.est and self.est[m].switch_s
-                      else guess) for m in busy)
+        switch = sum(self.est.get(m, _Estimate()).switch_s or guess for m in busy)
         q = decode_quotas({m: self._slo(m)[1] for m in busy}, step, switch,
                           self.cfg.slo_fraction, self.cfg.max_round_s)
         self._round_s = q.round_s
@@ -497,10 +486,6 @@ class TimeShareScheduler:
 def _timing(r: _Req) -> RequestTiming:
     max_tokens = r.params.max_tokens if r.params is not None else 1  # a lease: like a prefill
     return RequestTiming(r.arrived, r.first_at, len(r.tokens), max_tokens)
-
-
-def _ewma(old: float | None, new: float) -> float:
-    return new if old is None else (1 - EWMA) * old + EWMA * new
 
 
 class Lane:
@@ -514,8 +499,9 @@ class Lane:
         return self.scheduler.generate(self.model, prompt_token_ids, sampling, request_id)
 
     async def abort(self, request_id: str) -> None:
-        if not self.scheduler.abort(request_id):
-            await self.scheduler.shell.abort(request_id)
+        # The engine knows the request only by its segment ids, which the
+        # scheduler cancels: there is nothing to abort there by this id.
+        self.scheduler.abort(request_id)
 
     def tokenize(self, text: str) -> list[int]:
         return self.scheduler.shell.tokenize(text)
