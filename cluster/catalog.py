@@ -80,7 +80,7 @@ class ModelSpec(_Strict):
 
 class TimeshareConfig(_Strict):
     """Token-level time-sharing of one device by the models of one family
-    (``cluster/timeshare.py``). Set on a device to turn it on there."""
+    (``cluster/engine/timeshare.py``). Set on a device to turn it on there."""
 
     # "token": preempted between decode steps when another model's requests
     # run out of SLO slack (policies/slack.py); "aegaeon": Aegaeon's fixed

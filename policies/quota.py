@@ -1,7 +1,7 @@
 """Decode time quotas for models time-sharing one device (Aegaeon, SOSP'25).
 
 Pure arithmetic, used by the engine worker's time-sharing scheduler
-(``cluster/timeshare.py``) and open to a simulator. In one round every model
+(``cluster/engine/timeshare.py``) and open to a simulator. In one round every model
 i with work decodes for ``quota_i``, and the device pays ``c0`` in switches.
 
 - ``n_i = TPOT_SLO_i / step_i``: decode steps model i may take per SLO interval;

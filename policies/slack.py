@@ -1,7 +1,7 @@
 """Slack-driven turns for models time-sharing one device (Shoal's ``token``
 discipline; ``policies/quota.py`` is Aegaeon's fixed-quota alternative).
 
-Pure arithmetic over request timings, used by ``cluster/timeshare.py``.
+Pure arithmetic over request timings, used by ``cluster/engine/timeshare.py``.
 
 Every waiting request has a latest moment its model must get the device
 back for it to still meet its SLO, its *laxity* from now:

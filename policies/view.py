@@ -38,7 +38,7 @@ class Placement:
     state: str
     inflight: int = 0  # requests running or waiting on this copy
     # Served by the device's token-level time-sharing: takes requests while
-    # parked, its turns decided on the device (cluster/timeshare.py).
+    # parked, its turns decided on the device (cluster/engine/timeshare.py).
     timeshared: bool = False
     # The copy's measured latencies (smoothed; None until measured): what
     # shows a time-shared device overloaded.

@@ -28,7 +28,7 @@ import grpc
 
 from cluster.errors import (BadRequestError, RateLimitedError, ShoalError, UnknownModelError,
                             root_cause)
-from cluster.router import is_actor_death
+from cluster.control.fleet import is_actor_death
 from serve_apps import shoal_pb2
 
 # For ``serve.start(grpc_options=...)`` and ``grpc_servicer_functions`` in serve.yaml.
@@ -82,7 +82,7 @@ def sampling_from(request: shoal_pb2.GenerateRequest) -> dict[str, Any]:
 
 class ShoalGrpcMixin:
     """``shoal.Shoal`` on the ingress deployment. The host class provides
-    ``router`` (``cluster.router.Router``), ``controller`` (the placement
+    ``router`` (``cluster.control.router.Router``), ``controller`` (the placement
     controller's handle) and ``specs`` (catalog name -> spec); ``limiter``
     and ``metrics`` are used when present."""
 

@@ -3,7 +3,7 @@
 It stays thin. For an OpenAI request it reads only ``model`` from the body,
 finds an active copy through the ``Router`` (a cold model waits in the
 controller's bounded queue), and relays what vLLM's own OpenAI serving layer
-produces next to that engine (``cluster/openai_serving.py``). Errors use
+produces next to that engine (``cluster/engine/openai_serving.py``). Errors use
 vLLM's OpenAI error shape; ``Retry-After`` accompanies every 503.
 """
 
@@ -20,11 +20,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from ray import serve
 
 from cluster.catalog import Catalog
-from cluster.controller import get_or_create_controller
+from cluster.control.controller import get_or_create_controller
 from cluster.errors import (BadRequestError, RetryLaterError, ServiceUnavailableError,
                             ShoalError, UnknownModelError, root_cause)
-from cluster.openai_serving import CHAT, COMPLETIONS, error_body
-from cluster.router import MAX_HOPS, Router, cancel_stream
+from cluster.openai_protocol import CHAT, COMPLETIONS, error_body
+from cluster.control.router import MAX_HOPS, Router, cancel_stream
 from serve_apps.grpc_service import ShoalGrpcMixin
 from serve_apps.metrics import FrontDoorMetrics
 from serve_apps.rate_limit import RateLimiter
@@ -154,7 +154,7 @@ class ShoalIngress(ShoalGrpcMixin):
                 yield sse
             finished = True
         except Exception as e:  # the worker died mid-stream: end with an error event
-            from cluster.openai_serving import sse_error
+            from cluster.openai_protocol import sse_error
 
             yield sse_error(f"stream interrupted: {e}", 503)
         finally:

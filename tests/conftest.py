@@ -1,6 +1,7 @@
 """Shared fixtures. Engines are expensive (~20 s each here), so one engine
-worker with two shells is built per session and every engine test shares it;
-tests that change its state put it back."""
+worker with two shells is built per session and the engine tests share it.
+No test has to put it back: the ``worker`` fixture brings it to its baseline
+state before every test (``at_baseline``), whatever the test before did."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 
 import pytest
 
-from cluster.lifecycle import REAP_ENV
+from cluster.ops.lifecycle import REAP_ENV
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 # vLLM's engine-core processes outlive a SIGKILLed engine worker (the
@@ -21,7 +22,7 @@ KV_BYTES = 64 * MiB  # per shell; tiny models need very little
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    from cluster.tiny_models import make_test_models
+    from cluster.testing.tiny_models import make_test_models
 
     names = ["tiny-llama-a", "tiny-llama-b", "tiny-llama-c", "tiny-qwen"]
     return make_test_models(tmp_path_factory.mktemp("models"), names)
@@ -69,22 +70,59 @@ def spec(tiny_models):
     return make
 
 
-@pytest.fixture(scope="session")
-def worker(ray_local, spec):
-    """A CPU device whose budget fits exactly two tiny shells.
+BASELINE_ACTIVE = ("tiny-llama-a", "tiny-llama-b")  # each in a shell of its own
+BASELINE_PARKED = ("tiny-llama-c",)  # host cache only
 
-    Session state: tiny-llama-a active in one shell, tiny-llama-b active in
-    another (both fresh engines: the reference outputs), tiny-llama-c parked.
-    """
-    from cluster.device import DeviceSpec
-    from cluster.engine_worker import start_engine_worker
+
+@pytest.fixture(scope="session")
+def shared_worker(ray_local, spec):
+    """A CPU device whose budget fits exactly two tiny shells, built once.
+    Take it through ``worker`` (or ``at_baseline``), never directly."""
+    from cluster.engine.device import DeviceSpec
+    from cluster.engine.worker import start_engine_worker
 
     footprint = spec("tiny-llama-a").weights_bytes + KV_BYTES
     w = start_engine_worker(DeviceSpec("cpu-test", "cpu", 2 * footprint + 8 * MiB))
-    ray_local.get([w.load.remote(spec("tiny-llama-a")), w.load.remote(spec("tiny-llama-b"))])
-    ray_local.get(w.load.remote(spec("tiny-llama-c"), park=True))
+    ray_local.get([w.load.remote(spec(m)) for m in BASELINE_ACTIVE])
     yield w
     ray_local.get(w.shutdown.remote())
+
+
+def at_baseline(w, spec):
+    """Bring the shared worker to its baseline with idempotent verbs: A and B
+    active (in shells of their own), C parked, nothing else loaded, no
+    vacant shell. Costs one stats call when nothing changed."""
+    import ray
+
+    from cluster.engine.contract import ModelState
+
+    models = ray.get(w.stats.remote()).models
+    for name, m in models.items():
+        if name not in BASELINE_ACTIVE + BASELINE_PARKED:
+            ray.get(w.unload.remote(name))
+        elif name in BASELINE_PARKED and m.state is not ModelState.PARKED:
+            ray.get(w.park.remote(name))
+    ray.get([w.load.remote(spec(m)) for m in BASELINE_ACTIVE])  # wakes a parked one
+    ray.get([w.load.remote(spec(m), park=True) for m in BASELINE_PARKED])
+    ray.get(w.drop_vacant_shells.remote())
+    return w
+
+
+@pytest.fixture
+def worker(shared_worker, spec):
+    """The shared engine worker at its baseline, before every test."""
+    return at_baseline(shared_worker, spec)
+
+
+@pytest.fixture(scope="session")
+def references(shared_worker, spec):
+    """Greedy outputs (LONG_PROMPT, GREEDY) of A and B, each from an engine
+    of its own: what every swapped, moved or resumed run must equal."""
+    from tests.helpers import GREEDY, LONG_PROMPT, collect
+
+    w = at_baseline(shared_worker, spec)
+    return {m: collect(w.generate.remote(m, LONG_PROMPT, sampling=GREEDY))[0]
+            for m in BASELINE_ACTIVE}
 
 
 def free_port() -> int:
@@ -105,7 +143,7 @@ def front_door(ray_local, tiny_models, spec):
     can never be placed). Yields {"url", "grpc", "controller", "catalog"}."""
     from ray import serve
 
-    from cluster.controller import get_controller
+    from cluster.control.controller import get_controller
     from serve_apps.app import build_app
     from serve_apps.grpc_service import GRPC_SERVICER
 

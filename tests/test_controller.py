@@ -13,10 +13,10 @@ import pytest
 import ray
 
 from cluster.catalog import load_catalog
-from cluster.controller import (CONTROLLER_NAME, NAMESPACE, get_or_create_controller,
-                                worker_actor_name)
-from cluster.errors import (ColdStartQueueFullError, LoadTimeoutError, UnknownModelError)
-from cluster.router import Router
+from cluster.control.controller import CONTROLLER_NAME, get_or_create_controller
+from cluster.control.fleet import NAMESPACE, worker_actor_name
+from cluster.control.router import Router
+from cluster.errors import ColdStartQueueFullError, LoadTimeoutError, UnknownModelError
 from tests.conftest import KV_BYTES, MiB
 from tests.helpers import GREEDY, LONG_PROMPT, wait_until
 
@@ -58,16 +58,6 @@ def controller(ray_local, catalog):
     yield c
     ray.get(c.shutdown_cluster.remote())
     ray.kill(c, no_restart=True)
-
-
-@pytest.fixture(scope="module")
-def references(worker):
-    """Greedy outputs from the engine-worker fixture's fresh engines."""
-    out = {}
-    for m in ("tiny-llama-a", "tiny-llama-b"):
-        chunks = [ray.get(r) for r in worker.generate.remote(m, LONG_PROMPT, sampling=GREEDY)]
-        out[m] = [t for c in chunks for t in c["token_ids"]]
-    return out
 
 
 def run(coro):

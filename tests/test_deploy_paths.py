@@ -18,7 +18,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from cluster.lifecycle import REAP_ENV
+from cluster.ops.lifecycle import REAP_ENV
 from tests.conftest import free_port
 from tests.helpers import wait_until
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.device import DeviceMemory, sleep_mode_supported
+from cluster.engine.device import DeviceMemory, sleep_mode_supported
 from cluster.errors import OverBudgetError
 
 MiB = 2**20

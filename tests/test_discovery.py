@@ -4,8 +4,9 @@ worker stats: pure functions, fed with the shapes Ray and the workers return."""
 from __future__ import annotations
 
 from cluster.catalog import load_catalog
-from cluster.discovery import discover_devices
-from cluster.view_builder import build_view
+from cluster.control.discovery import discover_devices
+from cluster.control.view_builder import build_view
+from cluster.engine.contract import DeviceStats, ModelState, ModelStatus, WorkerStats
 
 GiB = 2**30
 
@@ -61,10 +62,10 @@ def test_view_from_worker_stats():
         {"name": "m3", "path": "/x/m3", "family": "g", "weights_bytes": 5, "kv_cache_bytes": 5}],
         "cpu_devices": [{"id": "c0", "memory_bytes": 1000}, {"id": "c1", "memory_bytes": 500}]})
     devices = {d.id: d for d in discover_devices(NODES[:1], cat)}
-    stats = {"c0": {"models": {
-        "m1": {"state": "active", "running": 2, "waiting": 1},
-        "m2": {"state": "parked", "running": 0, "waiting": 0},
-        "m3": {"state": "unloading", "running": 0, "waiting": 0}}}}
+    stats = {"c0": worker_stats(
+        status("m1", ModelState.ACTIVE, running=2, waiting=1),
+        status("m2", ModelState.PARKED),
+        status("m3", ModelState.UNLOADING))}
     view = build_view(devices, stats, {m.name: m for m in cat.models}, {})
     assert [d.id for d in view.devices] == ["c0"]  # only devices with a live worker
     m1, m2, m3 = view.models
@@ -72,3 +73,33 @@ def test_view_from_worker_stats():
     assert m2.on("parked") == ("c0",) and m2.allowed_vendors == ("nvidia",)
     assert m3.placements == ()  # on its way out
     assert view.used_bytes("c0") == 110
+
+
+def test_a_time_share_member_holds_memory_only_while_in_the_engine():
+    cat = load_catalog({"models": [
+        {"name": n, "path": f"/x/{n}", "family": "f", "weights_bytes": 100, "kv_cache_bytes": 10}
+        for n in ("a", "b")], "cpu_devices": [{"id": "c0", "memory_bytes": 1000}]})
+    devices = {d.id: d for d in discover_devices(NODES[:1], cat)}
+    stats = {"c0": worker_stats(status("a", ModelState.TIMESHARED, in_engine=True),
+                                status("b", ModelState.TIMESHARED, waiting=2))}
+    view = build_view(devices, stats, {m.name: m for m in cat.models}, {})
+    a, b = view.models
+    assert a.placements[0].state == "active" and a.placements[0].timeshared
+    assert b.placements[0].state == "parked" and b.placements[0].timeshared
+    assert b.placements[0].inflight == 2
+    assert view.used_bytes("c0") == 110  # one engine's worth, not two
+
+
+def status(name: str, state: ModelState, running: int = 0, waiting: int = 0,
+           in_engine: bool = False) -> ModelStatus:
+    return ModelStatus(name=name, family="f", state=state,
+                       routable=state in (ModelState.ACTIVE, ModelState.TIMESHARED),
+                       in_engine=in_engine or state is ModelState.ACTIVE, draining=False,
+                       shell=None, architecture="X", weights_bytes=100, kv_cache_bytes=10,
+                       running=running, waiting=waiting, tokens_per_s=0.0, last_swap_s=None)
+
+
+def worker_stats(*models: ModelStatus) -> WorkerStats:
+    return WorkerStats(device=DeviceStats("c0", "cpu", "cpu", None, 0, 1000, 0, False),
+                       shells={}, models={m.name: m for m in models}, groups={},
+                       tokens_per_s=0.0)

@@ -7,6 +7,7 @@ import ray
 
 from cluster.errors import (BadRequestError, CheckpointError, IncompatibleModelError, ModelBusyError,
                             OverBudgetError, PromptTooLongError, RequestAbortedError)
+from cluster.engine.contract import ModelState
 from tests.helpers import GREEDY, LONG_PROMPT, collect, wait_until
 
 pytestmark = [pytest.mark.engine, pytest.mark.ray]
@@ -16,12 +17,6 @@ def gen(worker, model, **kw):
     kw.setdefault("prompt", LONG_PROMPT)
     kw.setdefault("sampling", GREEDY)
     return collect(worker.generate.remote(model, **kw))
-
-
-@pytest.fixture(scope="module")
-def references(worker):
-    """Greedy outputs of A and B, each from a fresh engine of its own."""
-    return {m: gen(worker, m)[0] for m in ("tiny-llama-a", "tiny-llama-b")}
 
 
 def test_load_and_generate(worker, references):
@@ -34,10 +29,10 @@ def test_load_and_generate(worker, references):
     assert first["model"] == "tiny-llama-a" and len(first["prompt_token_ids"]) > 32
     assert references["tiny-llama-a"] != references["tiny-llama-b"]  # seeds differ
     stats = ray.get(worker.stats.remote())
-    assert stats["models"]["tiny-llama-a"]["state"] == "active"
-    assert stats["models"]["tiny-llama-c"]["state"] == "parked"
-    assert stats["device"]["memory_used_bytes"] <= stats["device"]["memory_budget_bytes"]
-    assert stats["tokens_per_s"] > 0
+    assert stats.models["tiny-llama-a"].state is ModelState.ACTIVE
+    assert stats.models["tiny-llama-c"].state is ModelState.PARKED
+    assert stats.device.memory_used_bytes <= stats.device.memory_budget_bytes
+    assert stats.tokens_per_s > 0
 
 
 def test_swap_a_b_a_in_place_matches_each_checkpoint(worker, references):
@@ -49,16 +44,16 @@ def test_swap_a_b_a_in_place_matches_each_checkpoint(worker, references):
     ray.get(worker.park.remote("tiny-llama-b"))  # its shell is left vacant
     ray.get(worker.swap.remote("tiny-llama-b", replace="tiny-llama-a"))
     stats = ray.get(worker.stats.remote())
-    assert stats["models"]["tiny-llama-a"]["state"] == "parked"
-    assert stats["models"]["tiny-llama-b"]["state"] == "active"
-    assert stats["models"]["tiny-llama-b"]["last_swap_s"] < 5
+    assert stats.models["tiny-llama-a"].state is ModelState.PARKED
+    assert stats.models["tiny-llama-b"].state is ModelState.ACTIVE
+    assert stats.models["tiny-llama-b"].last_swap_s < 5
     assert gen(worker, "tiny-llama-b")[0] == references["tiny-llama-b"]
     ray.get(worker.swap.remote("tiny-llama-a", replace="tiny-llama-b"))
     assert gen(worker, "tiny-llama-a")[0] == references["tiny-llama-a"]
     ray.get(worker.wake.remote("tiny-llama-b"))  # into the vacant shell
     assert gen(worker, "tiny-llama-b")[0] == references["tiny-llama-b"]
-    shells = ray.get(worker.stats.remote())["shells"]
-    assert sorted(s["resident"] for s in shells.values()) == ["tiny-llama-a", "tiny-llama-b"]
+    shells = ray.get(worker.stats.remote()).shells
+    assert sorted(s.resident for s in shells.values()) == ["tiny-llama-a", "tiny-llama-b"]
 
 
 @pytest.mark.parametrize("cut", [1, 7, 19])
@@ -76,8 +71,8 @@ def test_over_budget_load_refused_others_keep_serving(worker, spec, references):
     with pytest.raises(OverBudgetError, match="MiB free"):
         ray.get(worker.load.remote(spec("tiny-qwen")))
     after = ray.get(worker.stats.remote())
-    assert "tiny-qwen" not in after["models"]
-    assert after["device"]["memory_used_bytes"] == before["device"]["memory_used_bytes"]
+    assert "tiny-qwen" not in after.models
+    assert after.device.memory_used_bytes == before.device.memory_used_bytes
     assert gen(worker, "tiny-llama-a")[0] == references["tiny-llama-a"]
     assert gen(worker, "tiny-llama-b")[0] == references["tiny-llama-b"]
 
@@ -86,19 +81,16 @@ def test_bad_path_is_a_clear_error(worker, spec):
     bad = spec("tiny-llama-a").model_copy(update={"name": "ghost", "path": "/nonexistent/ckpt"})
     with pytest.raises(CheckpointError, match="/nonexistent/ckpt.*does not exist"):
         ray.get(worker.load.remote(bad))
-    assert "ghost" not in ray.get(worker.stats.remote())["models"]
+    assert "ghost" not in ray.get(worker.stats.remote()).models
 
 
 def test_bad_architecture_swap_is_refused(worker, spec, references):
     ray.get(worker.load.remote(spec("tiny-qwen"), park=True))  # host cache only
-    try:
-        with pytest.raises(IncompatibleModelError, match="Qwen2ForCausalLM.*LlamaForCausalLM"):
-            ray.get(worker.swap.remote("tiny-qwen", replace="tiny-llama-a"))
-        with pytest.raises(IncompatibleModelError, match="no engine"):
-            ray.get(worker.swap.remote("tiny-qwen"))
-        assert gen(worker, "tiny-llama-a")[0] == references["tiny-llama-a"]
-    finally:
-        ray.get(worker.unload.remote("tiny-qwen"))
+    with pytest.raises(IncompatibleModelError, match="Qwen2ForCausalLM.*LlamaForCausalLM"):
+        ray.get(worker.swap.remote("tiny-qwen", replace="tiny-llama-a"))
+    with pytest.raises(IncompatibleModelError, match="no engine"):
+        ray.get(worker.swap.remote("tiny-qwen"))
+    assert gen(worker, "tiny-llama-a")[0] == references["tiny-llama-a"]
 
 
 def test_prompt_too_long_and_bad_sampling(worker):
@@ -109,7 +101,7 @@ def test_prompt_too_long_and_bad_sampling(worker):
 
 
 def _engine_unfinished(worker) -> int:
-    return sum(s["engine_unfinished"] for s in ray.get(worker.stats.remote())["shells"].values())
+    return sum(s.engine_unfinished for s in ray.get(worker.stats.remote()).shells.values())
 
 
 def test_abandoned_stream_is_aborted_in_vllm(worker):
@@ -121,7 +113,7 @@ def test_abandoned_stream_is_aborted_in_vllm(worker):
     assert _engine_unfinished(worker) == 1
     ray.cancel(stream)  # what the front door does when a client disconnects
     wait_until(lambda: _engine_unfinished(worker) == 0, timeout_s=10)
-    assert ray.get(worker.stats.remote())["models"]["tiny-llama-a"]["running"] == 0
+    assert ray.get(worker.stats.remote()).models["tiny-llama-a"].running == 0
 
 
 def test_busy_model_cannot_be_swapped_out_and_unload_aborts_with_error(worker, spec):
@@ -135,13 +127,13 @@ def test_busy_model_cannot_be_swapped_out_and_unload_aborts_with_error(worker, s
         ray.get(worker.swap.remote("tiny-llama-b", replace="tiny-llama-c"))
     # Unloading c (holding a shell) aborts its stream with a clear error...
     result = ray.get(worker.unload.remote("tiny-llama-c"))
-    assert result["aborted_requests"] == 1
+    assert result.aborted_requests == 1
     with pytest.raises(RequestAbortedError, match="unloaded"):
         for ref in stream:
             ray.get(ref)
     # ...and frees that shell's memory; b (parked) comes back in a new engine.
     stats = ray.get(worker.stats.remote())
-    assert len(stats["shells"]) == 1 and "tiny-llama-c" not in stats["models"]
+    assert len(stats.shells) == 1 and "tiny-llama-c" not in stats.models
     ray.get(worker.unload.remote("tiny-llama-b"))
     ray.get(worker.load.remote(spec("tiny-llama-b")))
     assert gen(worker, "tiny-llama-b")[0]

@@ -1,4 +1,4 @@
-"""Prepared-weight swaps on CPU (``cluster/cpu_weight_swap.py``).
+"""Prepared-weight swaps on CPU (``cluster/engine/cpu_weight_swap.py``).
 
 The engine test drives ``EngineShell`` directly (no Ray) with two real vLLM
 engines: one per model, for the fresh-engine references; swaps run in the
@@ -43,7 +43,7 @@ class _Toy(torch.nn.Module):
 
 
 def test_capture_apply_round_trip_and_mismatch_leaves_model_untouched():
-    from cluster.cpu_weight_swap import apply, capture
+    from cluster.engine.cpu_weight_swap import apply, capture
 
     live, other = _Toy(1), _Toy(2)
     x = torch.ones(1, 4)
@@ -78,9 +78,9 @@ async def _greedy(shell) -> list[int]:
 
 
 async def _scenario(spec) -> None:
-    from cluster.checkpoint import read_checkpoint
-    from cluster.engine_shell import PREPARED, RELOAD, EngineShell
-    from cluster.weight_cache import HostWeightCache
+    from cluster.engine.checkpoint import read_checkpoint
+    from cluster.engine.shell import PREPARED, RELOAD, EngineShell
+    from cluster.engine.weight_cache import HostWeightCache
 
     async def start(name):
         s = spec(name)

@@ -12,7 +12,7 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.controller import NAMESPACE, worker_actor_name
+from cluster.control.fleet import NAMESPACE, worker_actor_name
 from tests.conftest import ADMIN_KEY
 from tests.helpers import LONG_PROMPT, wait_until
 
@@ -143,8 +143,8 @@ def test_client_disconnect_aborts_the_engine_request(front_door, admin):
 
     def idle():
         s = ray.get(worker.stats.remote())
-        return s["models"]["tiny-llama-a"]["running"] == 0 and all(
-            sh["engine_unfinished"] == 0 for sh in s["shells"].values())
+        return s.models["tiny-llama-a"].running == 0 and all(
+            sh.engine_unfinished == 0 for sh in s.shells.values())
     wait_until(idle, timeout_s=30)
     # The front door saw the client leave and cancelled the engine stream
     # (a 499), rather than the request simply running to its end.

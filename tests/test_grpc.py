@@ -8,10 +8,10 @@ import grpc
 import pytest
 import ray
 
-from cluster.controller import NAMESPACE, worker_actor_name
+from cluster.control.fleet import NAMESPACE, worker_actor_name
 from cluster.errors import (BadRequestError, ColdStartQueueFullError, LoadTimeoutError,
                             PromptTooLongError, UnknownModelError)
-from cluster.request_stream import RATE_WINDOW_S
+from cluster.engine.request_stream import RATE_WINDOW_S
 from serve_apps import shoal_pb2, shoal_pb2_grpc
 from serve_apps.grpc_service import grpc_code, sampling_from
 from tests.helpers import LONG_PROMPT, wait_until
@@ -141,9 +141,9 @@ def test_a_cancelled_generate_aborts_the_engine_request(front_door):
 
     def idle():
         stats = ray.get([w.stats.remote() for w in workers])
-        return all(s["models"].get("tiny-llama-a", {}).get("running", 0) == 0
-                   and all(sh["engine_unfinished"] == 0 for sh in s["shells"].values())
+        return all(("tiny-llama-a" not in s.models or s.models["tiny-llama-a"].running == 0)
+                   and all(sh.engine_unfinished == 0 for sh in s.shells.values())
                    for s in stats) and stats
     stats = wait_until(idle, timeout_s=30)
-    made = sum(s["tokens_per_s"] for s in stats) * RATE_WINDOW_S  # tokens in the last 10 s
+    made = sum(s.tokens_per_s for s in stats) * RATE_WINDOW_S  # tokens in the last 10 s
     assert made < max_tokens

@@ -7,6 +7,7 @@ import pytest
 import ray
 
 from cluster.catalog import TimeshareConfig
+from cluster.engine.contract import GroupStats, ModelState, WorkerStats
 from cluster.errors import RequestAbortedError
 from tests.conftest import KV_BYTES, MiB
 from tests.helpers import CACHED_PROMPT, LONG_PROMPT, collect, wait_until
@@ -27,9 +28,9 @@ LONG_TURNS = {"discipline": "aegaeon", "min_quota_s": 0.2, "max_round_s": 0.2}
 
 
 @pytest.fixture(scope="module")
-def ts(ray_local, spec):
-    from cluster.device import DeviceSpec
-    from cluster.engine_worker import start_engine_worker
+def shared_ts(ray_local, spec):
+    from cluster.engine.device import DeviceSpec
+    from cluster.engine.worker import start_engine_worker
 
     footprint = spec("tiny-llama-a").weights_bytes + KV_BYTES
     w = start_engine_worker(DeviceSpec("cpu-timeshare", "cpu", footprint + 8 * MiB,
@@ -40,49 +41,62 @@ def ts(ray_local, spec):
     ray.get(w.shutdown.remote())
 
 
+@pytest.fixture
+def ts(shared_ts, spec):
+    """The time-shared device at its baseline before every test: short
+    turns, all three models members (``load`` of a member is a no-op)."""
+    ray.get(shared_ts.set_timeshare.remote(SHORT_TURNS))
+    for m in MODELS:
+        ray.get(shared_ts.load.remote(spec(m)))
+    return shared_ts
+
+
 def run(worker, model, prompt=LONG_PROMPT, sampling=SAMPLING):
     return collect(worker.generate.remote(model, prompt=prompt, sampling=sampling))
 
 
 @pytest.fixture(scope="module")
-def dedicated(worker, ts):
+def dedicated(shared_worker, shared_ts, spec):
     """Each (model, prompt)'s greedy output without time-sharing: A and B
-    from the session worker's fresh engines of their own; C alone on the
-    shared device (nothing else has work, so it is never preempted)."""
+    from the session worker's engines of their own; C alone on the shared
+    device (nothing else has work, so it is never preempted)."""
+    from tests.conftest import at_baseline
+
+    worker = at_baseline(shared_worker, spec)
     out = {}
     for m in MODELS:
         for p in PROMPTS:
-            out[m, p] = run(worker if m != "tiny-llama-c" else ts, m, p)[0]
+            out[m, p] = run(worker if m != "tiny-llama-c" else shared_ts, m, p)[0]
     for m in MODELS:
-        out[m, "long"] = run(ts, m, LONG_PROMPT, LONG_RUN)[0]
+        out[m, "long"] = run(shared_ts, m, LONG_PROMPT, LONG_RUN)[0]
     out["cached"] = run(worker, "tiny-llama-b", CACHED_PROMPT)[0]
     return out
 
 
-def stats(worker) -> dict:
+def stats(worker) -> WorkerStats:
     return ray.get(worker.stats.remote())
 
 
-def turns(worker) -> dict:
-    (sched,) = stats(worker)["timeshare"].values()
+def turns(worker) -> GroupStats:
+    (sched,) = stats(worker).groups.values()
     return sched
 
 
 def test_models_join_one_engine_and_all_serve(ts, spec):
     s = stats(ts)
-    assert len(s["shells"]) == 1 and len(s["timeshare"]) == 1
+    assert len(s.shells) == 1 and len(s.groups) == 1
     footprint = spec("tiny-llama-a").weights_bytes + KV_BYTES
-    assert s["device"]["memory_used_bytes"] == footprint  # one model's worth, not three
+    assert s.device.memory_used_bytes == footprint  # one model's worth, not three
     for m in MODELS:
-        assert s["models"][m]["timeshared"] and s["models"][m]["servable"]
-    assert sum(s["models"][m]["state"] == "active" for m in MODELS) == 1
+        assert s.models[m].state is ModelState.TIMESHARED and s.models[m].routable
+    assert sum(s.models[m].in_engine for m in MODELS) == 1  # one resident at a time
     # The controller's verbs leave a member to its scheduler: no new engine.
-    parked = next(m for m in MODELS if s["models"][m]["state"] == "parked")
+    parked = next(m for m in MODELS if not s.models[m].in_engine)
     for verb in (ts.wake.remote(parked), ts.swap.remote(parked), ts.park.remote(parked),
                  ts.load.remote(spec(parked))):
-        assert ray.get(verb)["servable"]
+        assert ray.get(verb).routable
     s = stats(ts)
-    assert len(s["shells"]) == 1 and s["device"]["memory_used_bytes"] == footprint
+    assert len(s.shells) == 1 and s.device.memory_used_bytes == footprint
 
 
 def test_concurrent_streams_equal_dedicated_runs(ts, dedicated):
@@ -96,11 +110,11 @@ def test_concurrent_streams_equal_dedicated_runs(ts, dedicated):
         assert ids == dedicated[key], key
         assert chunks[-1]["finished"]
     after = turns(ts)
-    assert after["switches"] - before["switches"] >= 6  # they really took turns
-    assert after["preemptions"] - before["preemptions"] >= 6
-    assert all(v["queued"] == v["in_engine"] == 0 for v in after["models"].values())
+    assert after.switches - before.switches >= 6  # they really took turns
+    assert after.preemptions - before.preemptions >= 6
+    assert all(v.queued == v.in_engine == 0 for v in after.models.values())
     s = stats(ts)
-    assert all(s["models"][m]["tpot_s"] > 0 and s["models"][m]["ttft_s"] > 0 for m in MODELS)
+    assert all(s.models[m].tpot_s > 0 and s.models[m].ttft_s > 0 for m in MODELS)
 
 
 def test_prefix_cache_is_reset_on_every_switch(ts, dedicated):
@@ -128,28 +142,26 @@ def test_openai_request_holds_its_turn_while_others_take_theirs(ts, dedicated):
 
 
 def _preempted(worker, model: str) -> bool:
-    return turns(worker)["models"].get(model, {}).get("preempted", 0) > 0
+    t = turns(worker).models.get(model)
+    return t is not None and t.preempted > 0
 
 
 def test_client_disconnect_during_preemption(ts, dedicated):
     """B's client leaves while B's request sits preempted: it is dropped
     there (no engine request, nothing queued), the others finish right."""
     ray.get(ts.set_timeshare.remote(LONG_TURNS))
-    try:
-        streams = {m: ts.generate.remote(m, prompt=LONG_PROMPT, sampling=LONG_RUN)
-                   for m in MODELS}
-        ray.get(next(streams["tiny-llama-b"]))
-        wait_until(lambda: _preempted(ts, "tiny-llama-b"), timeout_s=30, every_s=0.01)
-        ray.cancel(streams.pop("tiny-llama-b"))
-        wait_until(lambda: stats(ts)["models"]["tiny-llama-b"]["running"] == 0, timeout_s=10)
-        b = turns(ts)["models"]["tiny-llama-b"]
-        assert b["queued"] == b["in_engine"] == b["preempted"] == 0
-        for m, stream in streams.items():
-            assert collect(stream)[0] == dedicated[m, "long"]
-        wait_until(lambda: all(s["engine_unfinished"] == 0
-                               for s in stats(ts)["shells"].values()), timeout_s=10)
-    finally:
-        ray.get(ts.set_timeshare.remote(SHORT_TURNS))
+    streams = {m: ts.generate.remote(m, prompt=LONG_PROMPT, sampling=LONG_RUN)
+               for m in MODELS}
+    ray.get(next(streams["tiny-llama-b"]))
+    wait_until(lambda: _preempted(ts, "tiny-llama-b"), timeout_s=30, every_s=0.01)
+    ray.cancel(streams.pop("tiny-llama-b"))
+    wait_until(lambda: stats(ts).models["tiny-llama-b"].running == 0, timeout_s=10)
+    b = turns(ts).models["tiny-llama-b"]
+    assert b.queued == b.in_engine == b.preempted == 0
+    for m, stream in streams.items():
+        assert collect(stream)[0] == dedicated[m, "long"]
+    wait_until(lambda: all(s.engine_unfinished == 0
+                           for s in stats(ts).shells.values()), timeout_s=10)
 
 
 def test_unload_while_preempted_fails_its_requests_clearly(ts, spec, dedicated):
@@ -158,46 +170,59 @@ def test_unload_while_preempted_fails_its_requests_clearly(ts, spec, dedicated):
     stays. B is held preempted by an OpenAI request for A, which keeps A's
     turn until it ends (it cannot be preempted)."""
     ray.get(ts.set_timeshare.remote(LONG_TURNS))
-    try:
-        b_streams = [ts.generate.remote("tiny-llama-b", prompt=p, sampling=LONG_RUN)
-                     for p in PROMPTS]
-        for s in b_streams:
-            ray.get(next(s))
-        c_stream = ts.generate.remote("tiny-llama-c", prompt=LONG_PROMPT, sampling=LONG_RUN)
-        hold = ts.openai.options(num_returns="streaming").remote("completions", {
-            "model": "tiny-llama-a", "prompt": LONG_PROMPT, "max_tokens": 450,
-            "temperature": 0, "ignore_eos": True, "stream": True})
-        wait_until(lambda: _preempted(ts, "tiny-llama-b"), timeout_s=30, every_s=0.01)
-        result = ray.get(ts.unload.remote("tiny-llama-b"))
-        assert result["aborted_requests"] == 2
-        for s in b_streams:
-            with pytest.raises(RequestAbortedError, match="tiny-llama-b' was unloaded"):
-                collect(s)
-        assert collect(c_stream)[0] == dedicated["tiny-llama-c", "long"]
-        assert any("[DONE]" in str(ray.get(r)) for r in hold)  # A's request completed
-        s = stats(ts)
-        assert "tiny-llama-b" not in s["models"] and len(s["shells"]) == 1
-    finally:
-        ray.get(ts.set_timeshare.remote(SHORT_TURNS))
+    b_streams = [ts.generate.remote("tiny-llama-b", prompt=p, sampling=LONG_RUN)
+                 for p in PROMPTS]
+    for s in b_streams:
+        ray.get(next(s))
+    c_stream = ts.generate.remote("tiny-llama-c", prompt=LONG_PROMPT, sampling=LONG_RUN)
+    hold = ts.openai.options(num_returns="streaming").remote("completions", {
+        "model": "tiny-llama-a", "prompt": LONG_PROMPT, "max_tokens": 450,
+        "temperature": 0, "ignore_eos": True, "stream": True})
+    wait_until(lambda: _preempted(ts, "tiny-llama-b"), timeout_s=30, every_s=0.01)
+    result = ray.get(ts.unload.remote("tiny-llama-b"))
+    assert result.aborted_requests == 2
+    for s in b_streams:
+        with pytest.raises(RequestAbortedError, match="tiny-llama-b' was unloaded"):
+            collect(s)
+    assert collect(c_stream)[0] == dedicated["tiny-llama-c", "long"]
+    assert any("[DONE]" in str(ray.get(r)) for r in hold)  # A's request completed
+    s = stats(ts)
+    assert "tiny-llama-b" not in s.models and len(s.shells) == 1
     ray.get(ts.load.remote(spec("tiny-llama-b")))  # rejoins; served again
     assert run(ts, "tiny-llama-b")[0] == dedicated["tiny-llama-b", LONG_PROMPT]
 
 
 def test_the_controller_view_shows_time_shared_copies_and_their_latencies(ts, spec):
-    """What the controller builds from this worker's stats: every member is a
-    time-shared copy with measured TTFT and TPOT; with requests waiting for
-    all three, the default policy leaves them to the device's scheduler."""
-    from cluster.device import DeviceSpec
-    from cluster.view_builder import build_view
-    from policies import Demand, DefaultPolicy
+    """What the controller builds from this worker's real stats: every member
+    is a time-shared copy with measured TTFT and TPOT. The policy's verdict
+    depends on those measurements against the SLOs, so the SLOs are set
+    relative to what this machine measured (a slower machine measures a
+    slower TPOT): well within them, the default policy leaves the members to
+    the device's scheduler; far beyond them, it wants capacity elsewhere."""
+    from cluster.control.view_builder import build_view
+    from cluster.engine.device import DeviceSpec
+    from policies import Demand, DefaultPolicy, RequestCapacity
 
+    for m in MODELS:  # each measured at least once, whatever ran before
+        run(ts, m)
     s = stats(ts)
     device = ray.get(ts.ping.remote())
-    dev = DeviceSpec(device, "cpu", s["device"]["memory_budget_bytes"],
+    dev = DeviceSpec(device, "cpu", s.device.memory_budget_bytes,
                      timeshare=TimeshareConfig(**SHORT_TURNS))
-    view = build_view({device: dev}, {device: s}, {m: spec(m) for m in MODELS},
-                      {m: Demand(rate=1.0, queue=1) for m in MODELS})
+    worst_tpot = max(s.models[m].tpot_s for m in MODELS)
+    worst_ttft = max(s.models[m].ttft_s for m in MODELS)
+
+    def view(slack: float):
+        slo = {"ttft_s": worst_ttft * slack, "tpot_s": worst_tpot * slack}
+        return build_view({device: dev}, {device: s},
+                          {m: spec(m, slo=slo) for m in MODELS},
+                          {m: Demand(rate=1.0, queue=1) for m in MODELS})
+
     for m in MODELS:
-        (p,) = view.model(m).placements
+        (p,) = view(1.0).model(m).placements
         assert p.timeshared and p.ttft_s > 0 and p.tpot_s > 0
-    assert DefaultPolicy().decide(view, now=0.0) == []
+    assert DefaultPolicy().decide(view(slack=10.0), now=0.0) == []
+    overloaded = DefaultPolicy().decide(view(slack=0.1), now=0.0)
+    # No other device here: the overloaded members ask for capacity.
+    assert overloaded and all(isinstance(a, RequestCapacity) for a in overloaded)
+    assert {a.for_model for a in overloaded} <= set(MODELS)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from cluster.checkpoint import read_checkpoint
-from cluster.cli import main as shoal
+from cluster.engine.checkpoint import read_checkpoint
+from cluster.ops.cli import main as shoal
 from cluster.errors import CheckpointError
 
 
@@ -49,3 +49,21 @@ def test_unknown_model_name_and_bad_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):
         read_checkpoint(tmp_path / "empty")
+
+
+def test_the_demo_writes_missing_checkpoints_and_production_never_does(tmp_path):
+    """``ensure_tiny_models`` (the demo app builder's step) writes the tiny
+    checkpoints a catalog names but lacks; the production app builder
+    refuses the demo option instead of writing test checkpoints."""
+    from cluster.catalog import CatalogError, load_catalog
+    from cluster.testing.tiny_models import ensure_tiny_models
+    from serve_apps.app import load_app_catalog
+
+    catalog = load_catalog({"models": [
+        {"name": "x", "path": str(tmp_path / "tiny-llama-a"), "family": "f"},
+        {"name": "y", "path": str(tmp_path / "not-a-tiny-name"), "family": "f"}]})
+    ensure_tiny_models(catalog)
+    assert (tmp_path / "tiny-llama-a" / "config.json").exists()
+    assert not (tmp_path / "not-a-tiny-name").exists()  # only names it knows
+    with pytest.raises(CatalogError, match="demo app builder cluster.ops.demo_app"):
+        load_app_catalog({"make_tiny_models": True})

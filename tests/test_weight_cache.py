@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import cluster.weight_cache as wc
+import cluster.engine.weight_cache as wc
 from cluster.errors import CheckpointError
 
 

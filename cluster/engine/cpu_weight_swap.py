@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # torch is imported lazily: engine_shell imports this module
     import torch
 
 # Qualified name handed to vLLM as ``worker_extension_cls``.
-EXTENSION_QUALNAME = "cluster.cpu_weight_swap.PreparedWeightsExtension"
+EXTENSION_QUALNAME = "cluster.engine.cpu_weight_swap.PreparedWeightsExtension"
 
 
 @dataclass

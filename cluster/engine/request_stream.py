@@ -15,15 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from cluster.errors import BadRequestError, PromptTooLongError, RequestAbortedError
+from policies.smoothing import ewma
 
 DEFAULT_MAX_TOKENS = 16
 RATE_WINDOW_S = 10.0
-EWMA_WEIGHT = 0.2  # weight of one new sample in the smoothed estimates
-
-
-def ewma(old: float | None, new: float) -> float:
-    """Exponentially weighted moving average; the first sample is taken as is."""
-    return new if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * new
 
 
 @dataclass

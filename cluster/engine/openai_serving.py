@@ -26,9 +26,8 @@ from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import Any
 
-from cluster.request_stream import InflightRequest, RequestTracker
-
-CHAT, COMPLETIONS = "chat", "completions"
+from cluster.engine.request_stream import InflightRequest, RequestTracker
+from cluster.openai_protocol import CHAT, COMPLETIONS, error_body, sse_error
 
 
 class OpenAIServing:
@@ -107,27 +106,9 @@ class OpenAIServing:
             tracker.inflight.pop(request_id, None)
 
 
-def error_body(message: str | Exception, status: int = 400, err_type: str | None = None) -> dict:
-    """An OpenAI-shaped error body, built by vLLM's own helper."""
-    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-
-    if isinstance(message, Exception):
-        resp = create_error_response(message)
-    else:
-        resp = create_error_response(message, err_type or HTTPStatus(status).phrase.replace(" ", ""),
-                                     HTTPStatus(status))
-    return resp.model_dump(mode="json")
-
-
 def error_item(message: str | Exception, status: int = 400) -> dict:
     body = error_body(message, status)
     return {"status": body["error"]["code"], "body": body}
-
-
-def sse_error(message: str, status: int) -> str:
-    import json
-
-    return f"data: {json.dumps(error_body(message, status))}\n\n"
 
 
 def _validation_message(e) -> str:

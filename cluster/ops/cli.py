@@ -10,7 +10,7 @@ import sys
 
 
 def _make_test_models(args) -> int:
-    from cluster.tiny_models import make_test_models
+    from cluster.testing.tiny_models import make_test_models
 
     for name, path in make_test_models(args.dir, args.only or None).items():
         print(f"{name}\t{path}")
@@ -41,15 +41,15 @@ def _bench(args) -> int:
 
 def _run_bench(args) -> dict:
     if args.what == "swap":
-        from cluster.bench_swap import run_swap_bench
+        from cluster.bench.swap import run_swap_bench
 
         result = run_swap_bench(args.models_dir, swaps=args.swaps)
     elif args.what == "overhead":
-        from cluster.bench_overhead import run_overhead_bench
+        from cluster.bench.overhead import run_overhead_bench
 
         result = run_overhead_bench(args.models_dir, requests=args.requests)
     elif args.what == "timeshare":
-        from cluster.bench_timeshare import run_timeshare_bench
+        from cluster.bench.timeshare import run_timeshare_bench
 
         result = run_timeshare_bench(args.models_dir, rates=args.rates,
                                      requests=args.trace_requests, seed=args.seed,
@@ -62,14 +62,14 @@ def _run_bench(args) -> dict:
 
 
 def _demo(args) -> int:
-    from cluster.demo import run_demo
+    from cluster.ops.demo import run_demo
 
     run_demo(args.url)
     return 0
 
 
 def _up(args) -> int:
-    from cluster.lifecycle import up
+    from cluster.ops.lifecycle import up
 
     url = up(args.config, args.port, args.demo, host=args.host)
     print(f"Shoal is up: {url}/v1 (OpenAI API), {url}/admin/status, {url}/metrics")
@@ -78,16 +78,22 @@ def _up(args) -> int:
 
 
 def _down(args) -> int:
-    from cluster.lifecycle import down
+    from cluster.ops.lifecycle import down
 
     down()
     return 0
 
 
 def _status(args) -> int:
-    from cluster.lifecycle import status
+    from cluster.ops.lifecycle import status
+    from cluster.ops.status_table import status_table
 
-    print(status())
+    st = status()
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        print(status_table(st, name=args.model, state=args.state, device=args.device,
+                           show_models=not args.devices_only))
     return 0
 
 
@@ -130,7 +136,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="generate the tiny models the catalog names (no hub needed)")
     u.set_defaults(fn=_up)
     sub.add_parser("down", help="stop what `shoal up` started").set_defaults(fn=_down)
-    sub.add_parser("status", help="devices and models, as tables").set_defaults(fn=_status)
+    st = sub.add_parser("status", help="devices and models, as tables")
+    st.add_argument("--model", help="only models whose name matches this glob, e.g. 'llama-*'")
+    st.add_argument("--state", choices=["active", "loading", "parked", "cold"],
+                    help="only models in this state")
+    st.add_argument("--device", help="only models with a copy on this device")
+    st.add_argument("--devices-only", action="store_true", help="no per-model table")
+    st.add_argument("--json", action="store_true", help="the raw status as JSON")
+    st.set_defaults(fn=_status)
 
     d = sub.add_parser("demo", help="a few openai-client requests against `shoal up`")
     d.add_argument("--url", default="http://127.0.0.1:8000")

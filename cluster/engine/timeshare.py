@@ -16,7 +16,7 @@ inside the engine worker, for the models of one family on one device:
 - **Resume.** Each preempted request continues as a new engine request on
   prompt + delivered tokens (re-prefill) for the rest of its ``max_tokens``.
   With greedy sampling the concatenation equals a dedicated run's output, as
-  for migration (``cluster/request_stream.py``). Seeded random sampling
+  for migration (``cluster/engine/request_stream.py``). Seeded random sampling
   restarts its RNG stream at each resume: valid output, not identical.
 
 Disciplines (``TimeshareConfig.discipline``):
@@ -57,8 +57,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.catalog import TimeshareConfig
+from cluster.engine.contract import GroupStats, TurnStats
 from cluster.errors import ModelNotActiveError
-from cluster.request_stream import ewma
+from policies.smoothing import ewma
 from policies.quota import decode_quotas
 from policies.slack import ModelSlack, RequestTiming, laxity, next_model, summarize
 
@@ -132,8 +133,8 @@ class TimeShareScheduler:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     # ------------------------------------------------------------- requests
-    def lane(self, model: str) -> "Lane":
-        return Lane(self, model)
+    def lane(self, model: str, model_path: str) -> "Lane":
+        return Lane(self, model, model_path)
 
     async def generate(self, model: str, prompt_ids: list[int], params: Any,
                        request_id: str) -> AsyncIterator[Any]:
@@ -200,21 +201,21 @@ class TimeShareScheduler:
         for model in list(self.queues):
             self._fail(model, ModelNotActiveError(f"model {model!r}: its engine was shut down"))
 
-    def model_stats(self, model: str) -> dict:
+    def model_stats(self, model: str) -> TurnStats:
         """Its requests by where they are, and its estimates."""
         q = [r for r in self.queues.get(model, {}).values() if r.lease is None]
         e = self.est.get(model, _Estimate())
-        return {"queued": sum(1 for r in q if r.pump is None),
-                "in_engine": sum(1 for r in q if r.pump is not None),
-                "preempted": sum(1 for r in q if r.pump is None and not r.new),
-                "step_s": e.step_s, "switch_s": e.switch_s, "quota_s": e.quota_s}
+        return TurnStats(queued=sum(1 for r in q if r.pump is None),
+                         in_engine=sum(1 for r in q if r.pump is not None),
+                         preempted=sum(1 for r in q if r.pump is None and not r.new),
+                         step_s=e.step_s, switch_s=e.switch_s, quota_s=e.quota_s)
 
-    def stats(self) -> dict:
-        return {"discipline": self.cfg.discipline, "resident": self.shell.resident,
-                "current": self.current, "switches": self.switches,
-                "preemptions": self.preemptions, "swap_s": self.swap_s,
-                "restart_s": self.restart_s, "busy_s": self.busy_s,
-                "models": {m: self.model_stats(m) for m in sorted(set(self.queues) | set(self.est))}}
+    def stats(self) -> GroupStats:
+        return GroupStats(
+            discipline=self.cfg.discipline, resident=self.shell.resident, current=self.current,
+            switches=self.switches, preemptions=self.preemptions, swap_s=self.swap_s,
+            restart_s=self.restart_s, busy_s=self.busy_s,
+            models={m: self.model_stats(m) for m in sorted(set(self.queues) | set(self.est))})
 
     # ------------------------------------------------------------ internals
     def _add(self, req: _Req) -> None:
@@ -489,11 +490,11 @@ def _timing(r: _Req) -> RequestTiming:
 
 
 class Lane:
-    """One model's view of a time-shared shell, shaped like an ``EngineShell``
-    for ``run_stream``: generate, abort, tokenize."""
+    """One model's view of a time-shared shell: the ``Serving`` interface
+    (``cluster/engine/serving.py``) the worker runs requests on."""
 
-    def __init__(self, scheduler: TimeShareScheduler, model: str):
-        self.scheduler, self.model = scheduler, model
+    def __init__(self, scheduler: TimeShareScheduler, model: str, model_path: str):
+        self.scheduler, self.model, self.model_path = scheduler, model, model_path
 
     def generate(self, prompt_token_ids: list[int], sampling: Any, request_id: str):
         return self.scheduler.generate(self.model, prompt_token_ids, sampling, request_id)
@@ -505,3 +506,10 @@ class Lane:
 
     def tokenize(self, text: str) -> list[int]:
         return self.scheduler.shell.tokenize(text)
+
+    @asynccontextmanager
+    async def openai_layer(self):
+        """vLLM's serving layer keeps its request state in the engine, so
+        it cannot be preempted: it holds the model's turn until done."""
+        async with self.scheduler.exclusive(self.model):
+            yield await self.scheduler.shell.openai(self.model, self.model_path)

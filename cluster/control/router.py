@@ -25,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from cluster.control.fleet import is_actor_death
 from cluster.errors import ModelNotActiveError, RequestAbortedError, UnknownModelError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class Router:
     @property
     def controller(self):
         if self._controller is None:
-            from cluster.controller import get_controller
+            from cluster.control.controller import get_controller
             self._controller = get_controller()
         return self._controller
 
@@ -55,7 +56,7 @@ class Router:
                      prompt_token_ids: list[int] | None = None,
                      sampling: dict | None = None,
                      request_id: str | None = None) -> AsyncIterator[dict]:
-        """Yield the request's chunks (see ``cluster.request_stream``)."""
+        """Yield the request's chunks (see ``cluster.engine.request_stream``)."""
         request_id = request_id or uuid.uuid4().hex
         desc: dict | None = None  # set by the first chunk: what resume needs
         generated: list[int] = []
@@ -164,12 +165,6 @@ async def _call(method, *args, attempts: int = 10):
             if i == attempts - 1:
                 raise
             await asyncio.sleep(0.5 * (i + 1))
-
-
-def is_actor_death(e: BaseException) -> bool:
-    from ray.exceptions import ActorUnavailableError, RayActorError
-
-    return isinstance(e, (RayActorError, ActorUnavailableError))
 
 
 def cancel_stream(gen) -> None:

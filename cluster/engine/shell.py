@@ -8,7 +8,7 @@ model it serves changes.
 
 On CPU a shell also keeps, inside its engine process, each model it has
 served in vLLM's prepared (repacked) form, so that swapping back to it skips
-vLLM's reload and repacking (``cluster/cpu_weight_swap.py``).
+vLLM's reload and repacking (``cluster/engine/cpu_weight_swap.py``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from cluster.catalog import ModelSpec
-from cluster.checkpoint import CheckpointInfo
-from cluster.cpu_weight_swap import EXTENSION_QUALNAME
+from cluster.engine.checkpoint import CheckpointInfo
+from cluster.engine.cpu_weight_swap import EXTENSION_QUALNAME
 from cluster.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class EngineShell:
         - PREPARED (CPU, when this shell already served ``name`` from these
           exact files): the engine copies the model's plain tensors into the
           live ones and re-points each linear layer at the model's packed
-          kernel, kept from last time (``cluster/cpu_weight_swap.py``).
+          kernel, kept from last time (``cluster/engine/cpu_weight_swap.py``).
         - RELOAD (first time, GPU, or ``use_prepared=False``): vLLM's
           ``reload_weights``. On CUDA that is close to a copy of the weights.
           On CPU vLLM keeps no plain linear weights: each is repacked into a
@@ -221,7 +221,7 @@ class EngineShell:
 
     async def openai(self, name: str, model_path: str):
         """vLLM's OpenAI serving layer for this engine, answering as ``name``."""
-        from cluster.openai_serving import OpenAIServing
+        from cluster.engine.openai_serving import OpenAIServing
 
         if self._openai is None:
             self._openai = await OpenAIServing.create(self.engine, model_path, name)

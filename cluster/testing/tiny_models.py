@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from cluster.catalog import Catalog
+
 # The tokenizer is shared by every model so same-family checkpoints are
 # interchangeable; its vocabulary is small and fixed by the corpus.
 TOKENIZER_VOCAB_SIZE = 512
@@ -72,7 +74,7 @@ TINY_MODELS: tuple[TinyModel, ...] = (
 
 def corpus_text() -> str:
     """The built-in tokenizer training text (shipped with the package)."""
-    return resources.files("cluster").joinpath("tiny_corpus.txt").read_text("utf-8")
+    return resources.files("cluster.testing").joinpath("tiny_corpus.txt").read_text("utf-8")
 
 
 def build_tokenizer():
@@ -164,3 +166,15 @@ def make_test_models(out_dir: str | Path, names: list[str] | None = None) -> dic
         for m in todo:
             write_model(m, out, tokenizer)
     return paths
+
+
+def ensure_tiny_models(catalog: Catalog) -> None:
+    """Write the tiny checkpoints that catalog entries name but lack on disk."""
+    tiny = {t.name for t in TINY_MODELS}
+    missing: dict[Path, list[str]] = {}
+    for m in catalog.models:
+        p = Path(m.path)
+        if not (p / "config.json").exists() and p.name in tiny:
+            missing.setdefault(p.parent, []).append(p.name)
+    for parent, names in missing.items():
+        make_test_models(parent, names)

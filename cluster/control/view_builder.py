@@ -8,11 +8,16 @@ tests build views the same way.
 from __future__ import annotations
 
 from cluster.catalog import ModelSpec
-from cluster.device import DeviceSpec
-from policies.view import ClusterView, Demand, DeviceView, ModelView, Placement
+from cluster.engine.contract import ModelState, ModelStatus, WorkerStats
+from cluster.engine.device import DeviceSpec
+from policies.view import (ACTIVE, LOADING, PARKED, ClusterView, Demand, DeviceView, ModelView,
+                           Placement)
 
-# Worker states the policy sees; "unloading" copies are already on their way out.
-_VISIBLE = {"loading", "active", "parked"}
+# Worker states as the policy sees them; "unloading" copies are already on
+# their way out and are not shown. A time-share member holds device memory
+# while its weights are in the engine and is parked otherwise.
+_POLICY_STATE = {ModelState.LOADING: LOADING, ModelState.ACTIVE: ACTIVE,
+                 ModelState.PARKED: PARKED}
 
 
 def device_view(d: DeviceSpec) -> DeviceView:
@@ -21,16 +26,25 @@ def device_view(d: DeviceSpec) -> DeviceView:
                       speed=d.speed, cost_per_hour=d.cost_per_hour)
 
 
-def placements(stats: dict[str, dict]) -> dict[str, list[Placement]]:
+def placement(device: str, m: ModelStatus) -> Placement | None:
+    if m.state is ModelState.TIMESHARED:
+        state = ACTIVE if m.in_engine else PARKED
+    else:
+        state = _POLICY_STATE.get(m.state)
+    if state is None:
+        return None
+    return Placement(device, state, m.inflight, timeshared=m.timeshared,
+                     ttft_s=m.ttft_s, tpot_s=m.tpot_s)
+
+
+def placements(stats: dict[str, WorkerStats]) -> dict[str, list[Placement]]:
     """model -> its copies, from every live worker's stats."""
     out: dict[str, list[Placement]] = {}
     for dev_id in sorted(stats):
-        for name, m in stats[dev_id]["models"].items():
-            if m["state"] in _VISIBLE:
-                out.setdefault(name, []).append(Placement(
-                    dev_id, m["state"], m["running"] + m["waiting"],
-                    timeshared=bool(m.get("timeshared")),
-                    ttft_s=m.get("ttft_s"), tpot_s=m.get("tpot_s")))
+        for name, m in stats[dev_id].models.items():
+            p = placement(dev_id, m)
+            if p is not None:
+                out.setdefault(name, []).append(p)
     return out
 
 
@@ -44,7 +58,7 @@ def model_view(spec: ModelSpec, copies: list[Placement]) -> ModelView:
         pinned=spec.pinned, placements=tuple(copies))
 
 
-def build_view(devices: dict[str, DeviceSpec], stats: dict[str, dict],
+def build_view(devices: dict[str, DeviceSpec], stats: dict[str, WorkerStats],
                specs: dict[str, ModelSpec], demand: dict[str, Demand]) -> ClusterView:
     live = [devices[d] for d in sorted(stats) if d in devices]
     where = placements(stats)

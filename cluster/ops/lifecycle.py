@@ -39,7 +39,10 @@ def up(config: str, port: int, demo: bool, host: str = "127.0.0.1",
        timeout_s: float = 600) -> str:
     from ray import serve
 
-    from serve_apps.app import build_app
+    if demo:
+        from cluster.ops.demo_app import build_app
+    else:
+        from serve_apps.app import build_app
 
     started_ray = False
     address = os.environ.get("RAY_ADDRESS")
@@ -52,7 +55,7 @@ def up(config: str, port: int, demo: bool, host: str = "127.0.0.1",
     STATE_FILE.write_text(json.dumps({"started_ray": started_ray, "port": port}))
     _connect(address)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app({"catalog": config, "make_tiny_models": demo}),
+    serve.run(build_app({"catalog": config}),
               name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
     _wait_healthy(url, timeout_s)
@@ -84,7 +87,7 @@ def down() -> None:
     except Exception as e:  # nothing running
         print(f"no Ray cluster to stop ({e})")
     else:
-        from cluster.controller import get_controller
+        from cluster.control.controller import get_controller
 
         try:
             c = get_controller()
@@ -99,31 +102,11 @@ def down() -> None:
     STATE_FILE.unlink(missing_ok=True)
 
 
-def status_table(status: dict) -> str:
-    """``shoal status``: devices and models as two aligned tables."""
-    def table(rows: list[list[str]]) -> str:
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-    mib = lambda b: "-" if b is None else f"{b / 2**20:.0f}"
-    devs = [["DEVICE", "NODE", "ACCELERATOR", "USED MiB", "BUDGET MiB", "MODELS"]]
-    for d in status["devices"]:
-        devs.append([d["id"], (d["node"] or "")[:8], d["accelerator_type"] or d["kind"],
-                     mib(d["memory_used_bytes"]), mib(d["memory_budget_bytes"]),
-                     ",".join(d["models"]) or "-"])
-    models = [["MODEL", "FAMILY", "STATE", "REPLICAS", "QUEUE", "WHERE"]]
-    for m in status["models"]:
-        where = ",".join(f"{dev}:{st}" for dev, st in m["devices"].items()) or "-"
-        models.append([m["name"], m["family"], m["state"], str(m["replicas"]),
-                       str(m["queue"]), where])
-    return f"policy {status['policy']}, routes v{status['version']}\n\n" \
-           f"{table(devs)}\n\n{table(models)}"
-
-
-def status() -> str:
+def status() -> dict:
+    """The controller's ``status()`` (what ``/admin/status`` shows)."""
     import ray
 
-    from cluster.controller import get_controller
+    from cluster.control.controller import get_controller
 
     _connect(os.environ.get("RAY_ADDRESS") or "auto")
-    return status_table(ray.get(get_controller().status.remote()))
+    return ray.get(get_controller().status.remote())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from cluster.catalog import Catalog, CPUDevice
-from cluster.device import DeviceSpec
+from cluster.engine.device import DeviceSpec
 
 log = logging.getLogger(__name__)
 

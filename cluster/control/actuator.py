@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Awaitable, Callable
 
+from cluster.engine.contract import ModelState
 from policies.actions import (Action, Load, Migrate, Park, RequestCapacity, ScaleIn, ScaleOut,
                               Swap, Unload, Wake)
 
@@ -31,7 +32,7 @@ class Actuator:
         self.refresh = refresh  # re-read worker stats and publish routes
         self.capacity_requests: list[dict] = []
 
-    async def run(self, a: Action) -> dict:
+    async def run(self, a: Action) -> object:
         """Execute ``a``; returns what the worker reported (for the action log)."""
         if isinstance(a, (Load, ScaleOut)):
             park = isinstance(a, Load) and a.park
@@ -50,7 +51,8 @@ class Actuator:
         if isinstance(a, (Unload, ScaleIn)):
             moved = await self._take_out(a.model, a.device)
             out = await self.worker(a.device).unload.remote(a.model)
-            return {**out, "moved_requests": moved}
+            return {"name": out.name, "aborted_requests": out.aborted_requests,
+                    "moved_requests": moved}
         if isinstance(a, Migrate):
             return await self.migrate(a.model, a.source, a.target)
         if isinstance(a, RequestCapacity):
@@ -59,8 +61,8 @@ class Actuator:
 
     async def migrate(self, model: str, source: str, target: str) -> dict:
         src, dst = self.worker(source), self.worker(target)
-        models = (await dst.stats.remote())["models"]
-        if models.get(model, {}).get("state") == "parked":
+        there = (await dst.stats.remote()).models.get(model)
+        if there is not None and there.state is ModelState.PARKED:
             made = await dst.wake.remote(model)
         else:
             made = await dst.load.remote(self.spec(model))
@@ -68,7 +70,7 @@ class Actuator:
         moved = await self._take_out(model, source)
         await src.unload.remote(model)
         return {"name": model, "source": source, "target": target,
-                "target_state": made["state"], "moved_requests": moved}
+                "target_state": str(made.state), "moved_requests": moved}
 
     async def _take_out(self, model: str, device: str) -> int:
         await self.unroute(model, device)
@@ -92,3 +94,23 @@ class Actuator:
         except Exception as e:  # no autoscaler reachable: keep the record only
             log.warning("request_resources failed: %s", e)
         return req
+
+
+def _devices_of(a) -> set[str]:
+    return {getattr(a, f) for f in ("device", "source", "target") if hasattr(a, f)}
+
+
+def chains(actions: list) -> list[list[int]]:
+    """Group action indices so actions that share a device run one after
+    another (in order) while independent devices proceed in parallel."""
+    out: list[tuple[set[str], list[int]]] = []
+    for i, a in enumerate(actions):
+        devs = _devices_of(a)
+        joined = [c for c in out if c[0] & devs]
+        merged_devs, merged = set(devs), []
+        for c in joined:
+            out.remove(c)
+            merged_devs |= c[0]
+            merged += c[1]
+        out.append((merged_devs, sorted(merged) + [i]))
+    return [c[1] for c in out]

@@ -33,6 +33,7 @@ def run_demo(base_url: str) -> None:
         if chunk.choices and chunk.choices[0].delta.content:
             print(chunk.choices[0].delta.content, end="", flush=True)
     print()
-    from cluster.lifecycle import status
+    from cluster.ops.lifecycle import status
+    from cluster.ops.status_table import status_table
 
-    print(status())
+    print(status_table(status()))

@@ -17,44 +17,49 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, deque
+from collections import deque
 from typing import Any
 
-from cluster.actuator import Actuator
 from cluster.catalog import Catalog, ModelSpec
-from cluster.device import DeviceSpec
-from cluster.discovery import discover_devices
+from cluster.control.action_counts import ActionCounts
+from cluster.control.actuator import Actuator, chains
+from cluster.control.fleet import NAMESPACE, Fleet, RayFleet, is_actor_death
+from cluster.control.status import device_status, model_status
+from cluster.control.view_builder import build_view
+from cluster.engine.contract import ModelState, WorkerStats
+from cluster.engine.device import DeviceSpec
 from cluster.errors import (ColdStartQueueFullError, LoadTimeoutError, ModelNotActiveError,
                             ShoalError, UnknownModelError, root_cause)
-from cluster.view_builder import build_view
 from policies import make_policy
-from policies.actions import EVICTION_REASON, Load, Migrate, Unload
+from policies.actions import Load, Migrate, Unload
 from policies.demand import DemandEstimator
 from policies.view import Demand
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "shoal"
 CONTROLLER_NAME = "shoal-controller"
-WORKER_PREFIX = "shoal-worker:"
-RPC_TIMEOUT_S = 10.0  # a worker that cannot answer stats() this fast is presumed dead
-SWAP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, float("inf"))
-
-
-def worker_actor_name(device_id: str) -> str:
-    return WORKER_PREFIX + device_id
+RPC_TIMEOUT_S = 10.0  # one stats() poll of a worker gives up after this
+# A worker that has not answered this many polls in a row is hung: it is
+# killed and replaced. One slow answer is not a death (an engine starting on
+# a loaded machine can starve a worker's event loop for a while), and a
+# worker that is forgotten while it still lives would be found again by the
+# next discovery with its models placed twice.
+UNRESPONSIVE_POLLS = 3
 
 
 class PlacementController:
-    def __init__(self, catalog: dict):
+    def __init__(self, catalog: dict, fleet: Fleet | None = None):
         self.catalog = Catalog.model_validate(catalog)
+        self.fleet: Fleet = fleet or RayFleet()
+        self.rpc_timeout_s = RPC_TIMEOUT_S
         self.cfg = self.catalog.controller
         self.specs: dict[str, ModelSpec] = {m.name: m for m in self.catalog.models}
         self.policy = make_policy(self.cfg.policy, **self.cfg.policy_config)
         self.demand = DemandEstimator()
         self.devices: dict[str, DeviceSpec] = {}
         self.workers: dict[str, Any] = {}  # device id -> worker actor handle
-        self.stats: dict[str, dict] = {}  # device id -> last worker stats()
+        self.stats: dict[str, WorkerStats] = {}  # device id -> last worker stats()
+        self._silent: dict[str, int] = {}  # device id -> polls unanswered in a row
         # Polls overlap (health loop, reconcile): a reply is applied only if
         # its poll was sent after the one that wrote the current stats, so a
         # slow, older reply never overwrites a newer state.
@@ -69,9 +74,7 @@ class PlacementController:
         self.displaced: set[str] = set()  # lost with a dead worker, to re-place
         self.problems: dict[str, str] = {}  # model -> why it could not be placed
         self.log: deque[dict] = deque(maxlen=200)  # recent actions
-        self.action_counts: Counter[str] = Counter()  # "model|kind" -> executed actions
-        self.swap_hist = [0] * len(SWAP_BUCKETS_S)  # cumulative, Prometheus style
-        self.swap_sum_s = 0.0
+        self.counts = ActionCounts()  # for /metrics
         self.actuator = Actuator(self._worker, self._spec_dict, self._unroute, self._poll)
         self._lock = asyncio.Lock()  # one reconcile (decide + execute) at a time
         self._kick = asyncio.Event()
@@ -154,7 +157,7 @@ class PlacementController:
         self.demand.forget(model)
         self.displaced.discard(model)
         await self._execute_now(lambda: [Unload(model, d, reason="admin")
-                                         for d, s in self.stats.items() if model in s["models"]])
+                                         for d, s in self.stats.items() if model in s.models])
         return self.model_status(model)
 
     async def migrate(self, model: str, target: str, source: str | None = None) -> dict:
@@ -178,48 +181,32 @@ class PlacementController:
             "busy": self._lock.locked(),  # executing actions right now
             "devices": [self._device_status(d) for d in sorted(self.devices)],
             "models": [self.model_status(m) for m in sorted(self.specs)],
+            "problems": dict(sorted(self.problems.items())),
             "recent_actions": list(self.log)[-20:],
             "capacity_requests": self.actuator.capacity_requests,
         }
 
     def model_status(self, model: str) -> dict:
-        copies = {d: s["models"][model] for d, s in sorted(self.stats.items())
-                  if model in s["models"]}
-        states = {c["state"] for c in copies.values()}
-        # A time-shared copy serves while parked: the model counts as active.
-        state = "active" if any(c.get("servable") for c in copies.values()) else \
-            next((s for s in ("active", "loading", "parked") if s in states), "cold")
-        d = self._demand(model, time.time())
-        return {"name": model, "family": self.specs[model].family, "state": state,
-                "devices": {dev: c["state"] for dev, c in copies.items()},
-                # Per copy: time-shared or not, and its smoothed latencies.
-                "latency": {dev: {"timeshared": bool(c.get("timeshared")),
-                                  "ttft_s": c.get("ttft_s"), "tpot_s": c.get("tpot_s")}
-                            for dev, c in copies.items()},
-                "replicas": len(self.routes.get(model, [])), "queue": d.queue,
-                "inflight": d.inflight, "rate": round(d.rate, 4),
-                "problem": self.problems.get(model)}
+        copies = {d: s.models[model] for d, s in sorted(self.stats.items()) if model in s.models}
+        return model_status(self.specs[model], copies, len(self.routes.get(model, [])),
+                            self._demand(model, time.time()), self.problems.get(model))
 
     def metrics(self) -> dict:
         """Control-plane numbers for the front door's /metrics."""
         return {"queue": {m: len(self.waiters.get(m, [])) for m in sorted(self.specs)},
-                "actions": dict(self.action_counts),
-                "swap_seconds": {"buckets": list(zip(SWAP_BUCKETS_S, self.swap_hist)),
-                                 "sum": self.swap_sum_s},
+                **self.counts.snapshot(),
                 "devices": [self._device_status(d) for d in sorted(self.devices)]}
 
     async def shutdown_cluster(self) -> None:
         """Stop every engine worker (``shoal down``); the controller goes next."""
-        import ray
-
         for t in self._tasks:
             t.cancel()
         for dev, w in list(self.workers.items()):
             try:
-                await asyncio.wait_for(w.shutdown.remote(), RPC_TIMEOUT_S)
+                await asyncio.wait_for(w.shutdown.remote(), self.rpc_timeout_s)
             except Exception:
                 pass
-            ray.kill(w, no_restart=True)
+            self.fleet.kill(w)
         self.workers.clear()
         self.stats.clear()
 
@@ -254,40 +241,55 @@ class PlacementController:
                 self._kick.set()
 
     async def _discover(self) -> None:
-        """(Re)read Ray's nodes; get or create a worker for every device."""
-        import ray
-
-        for dev in discover_devices(ray.nodes(), self.catalog):
+        """(Re)read the fleet's devices; get or create a worker for every one."""
+        for dev in self.fleet.discover(self.catalog):
             if dev.id not in self.workers:
                 self.devices[dev.id] = dev
-                self.workers[dev.id] = _get_or_start_worker(dev)
+                self.workers[dev.id] = self.fleet.worker(dev)
 
     async def _poll(self) -> list[str]:
-        """Refresh every worker's stats; forget dead workers. Returns those lost."""
+        """Refresh every worker's stats; forget dead workers. Returns those lost.
+
+        A dead actor is forgotten at once. A worker that does not answer in
+        time keeps its last stats (its copies stay routed: requests to a dead
+        copy fail over in the router) until ``UNRESPONSIVE_POLLS`` polls in a
+        row go unanswered; then it is killed and replaced."""
         self._polls += 1
         poll, asked = self._polls, dict(sorted(self.workers.items()))
         results = await asyncio.gather(
-            *(asyncio.wait_for(w.stats.remote(), RPC_TIMEOUT_S) for w in asked.values()),
+            *(asyncio.wait_for(w.stats.remote(), self.rpc_timeout_s) for w in asked.values()),
             return_exceptions=True)
         lost = []
         for (dev, worker), res in zip(asked.items(), results):
             if poll < self._stats_poll.get(dev, 0) or self.workers.get(dev) is not worker:
                 continue  # a newer poll answered, or the worker was replaced meanwhile
             self._stats_poll[dev] = poll
-            if isinstance(res, BaseException):
+            if not isinstance(res, BaseException):
+                self.stats[dev] = res
+                self._silent.pop(dev, None)
+                continue
+            self._silent[dev] = self._silent.get(dev, 0) + 1
+            if is_actor_death(res) or self._silent[dev] >= UNRESPONSIVE_POLLS:
                 lost.append(dev)
                 self._forget_worker(dev, res)
             else:
-                self.stats[dev] = res
+                log.warning("engine worker for %s did not answer (%s); keeping its last stats",
+                            dev, type(res).__name__)
         self._publish_routes()
         return lost
 
     def _forget_worker(self, dev: str, err: BaseException) -> None:
         log.warning("engine worker for %s is gone (%s); re-placing its models", dev, err)
-        held = self.stats.pop(dev, {}).get("models", {})
-        self.workers.pop(dev, None)
+        held = self.stats.pop(dev).models if dev in self.stats else {}
+        worker = self.workers.pop(dev, None)
+        self._silent.pop(dev, None)
+        if worker is not None and not is_actor_death(err):
+            try:  # hung, not dead: make sure it never comes back with these models
+                self.fleet.kill(worker)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
         for model, m in held.items():
-            if m["state"] in ("active", "loading") or m.get("timeshared"):
+            if m.state in (ModelState.ACTIVE, ModelState.LOADING, ModelState.TIMESHARED):
                 self.displaced.add(model)
         self.log.append({"at": time.time(), "action": f"WorkerLost({dev})",
                          "models": sorted(held)})
@@ -295,9 +297,8 @@ class PlacementController:
     def _publish_routes(self) -> None:
         routes: dict[str, list[str]] = {}
         for dev in sorted(self.stats):
-            for model, m in self.stats[dev]["models"].items():
-                if m.get("servable", m["state"] == "active" and not m.get("draining")) \
-                        and (model, dev) not in self._unrouted:
+            for model, m in self.stats[dev].models.items():
+                if m.routable and (model, dev) not in self._unrouted:
                     routes.setdefault(model, []).append(dev)
         if routes != self.routes:
             self.routes = routes
@@ -314,8 +315,7 @@ class PlacementController:
         self._publish_routes()
 
     def _demand(self, model: str, now: float) -> Demand:
-        inflight = sum(s["models"][model]["running"] + s["models"][model]["waiting"]
-                       for s in self.stats.values() if model in s["models"])
+        inflight = sum(s.models[model].inflight for s in self.stats.values() if model in s.models)
         queue = len(self.waiters.get(model, [])) + (model in self.displaced)
         return self.demand.demand(model, now, queue, inflight)
 
@@ -354,7 +354,7 @@ class PlacementController:
                     res = e
                 done[i] = self._record(actions[i], res)  # logged as each one ends
 
-        await asyncio.gather(*(run_chain(c) for c in _chains(actions)))
+        await asyncio.gather(*(run_chain(c) for c in chains(actions)))
         self._unrouted.clear()
         await self._poll()
         return [done[i] for i in range(len(actions))]
@@ -371,21 +371,9 @@ class PlacementController:
                     self._fail_waiters(model, res)  # a bad checkpoint will not get better
             log.warning("action %r failed: %s", a, rec["error"])
         else:
-            self._count(a, res)
+            self.counts.count(a, res)
         self.log.append(rec)
         return {**rec, "exception": res} if "error" in rec else rec
-
-    def _count(self, a, res) -> None:
-        kind = _KIND.get(type(a).__name__, type(a).__name__.lower())
-        if kind in ("park", "unload") and a.reason.startswith(EVICTION_REASON):
-            kind = "evict"
-        model = getattr(a, "model", None) or getattr(a, "for_model", "")
-        self.action_counts[f"{model}|{kind}"] += 1
-        swap_s = res.get("last_swap_s") if kind == "swap" and isinstance(res, dict) else None
-        if swap_s is not None:
-            self.swap_sum_s += swap_s
-            for i, bound in enumerate(SWAP_BUCKETS_S):
-                self.swap_hist[i] += swap_s <= bound
 
     def _fail_waiters(self, model: str, err: Exception) -> None:
         for fut in self.waiters.get(model, []):
@@ -414,62 +402,7 @@ class PlacementController:
         return w
 
     def _device_status(self, dev: str) -> dict:
-        d, s = self.devices[dev], self.stats.get(dev, {}).get("device", {})
-        return {"id": d.id, "node": d.node_id, "vendor": d.vendor, "kind": d.kind,
-                "accelerator_type": d.accelerator_type, "speed": d.speed,
-                "cost_per_hour": d.cost_per_hour, "alive": dev in self.stats,
-                "memory_used_bytes": s.get("memory_used_bytes"),
-                "memory_budget_bytes": d.memory_bytes,
-                "models": sorted(self.stats.get(dev, {}).get("models", {}))}
-
-
-_KIND = {"Load": "load", "ScaleOut": "load", "Wake": "load", "Swap": "swap",
-         "Migrate": "migrate", "Park": "park", "Unload": "unload", "ScaleIn": "unload",
-         "RequestCapacity": "capacity_request"}
-
-
-def _devices_of(a) -> set[str]:
-    return {getattr(a, f) for f in ("device", "source", "target") if hasattr(a, f)}
-
-
-def _chains(actions: list) -> list[list[int]]:
-    """Group action indices so actions that share a device run one after
-    another (in order) while independent devices proceed in parallel."""
-    chains: list[tuple[set[str], list[int]]] = []
-    for i, a in enumerate(actions):
-        devs = _devices_of(a)
-        joined = [c for c in chains if c[0] & devs]
-        merged_devs, merged = set(devs), []
-        for c in joined:
-            chains.remove(c)
-            merged_devs |= c[0]
-            merged += c[1]
-        chains.append((merged_devs, sorted(merged) + [i]))
-    return [c[1] for c in chains]
-
-
-def _get_or_start_worker(dev: DeviceSpec):
-    """The device's worker: the live one if a previous controller made it."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from cluster.engine_worker import start_engine_worker
-
-    name = worker_actor_name(dev.id)
-    try:
-        return ray.get_actor(name, namespace=NAMESPACE)
-    except ValueError:
-        pass
-    claim = dict(dev.claim)
-    opts: dict[str, Any] = {"namespace": NAMESPACE, "lifetime": "detached",
-                            "get_if_exists": True}
-    if dev.node_id:
-        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(dev.node_id, soft=False)
-    if "GPU" in claim:
-        opts["num_gpus"] = claim.pop("GPU")
-    if claim:
-        opts["resources"] = claim
-    return start_engine_worker(dev, name=name, **opts)
+        return device_status(self.devices[dev], self.stats.get(dev))
 
 
 def get_or_create_controller(catalog: Catalog):

@@ -50,8 +50,8 @@ def _direct(path: str, n: int) -> list[float]:
     import ray
 
     from cluster.catalog import ModelSpec
-    from cluster.device import DeviceSpec
-    from cluster.engine_worker import start_engine_worker
+    from cluster.engine.device import DeviceSpec
+    from cluster.engine.worker import start_engine_worker
 
     spec = ModelSpec(name=MODEL, path=path, family="tiny-llama",
                      kv_cache_bytes=KV_BYTES).resolved()
@@ -73,7 +73,7 @@ def _shoal(path: str, n: int, port: int) -> list[float]:
     import ray
     from ray import serve
 
-    from cluster.controller import get_controller
+    from cluster.control.controller import get_controller
     from serve_apps.app import build_app
 
     catalog = {"models": [{"name": MODEL, "path": path, "family": "tiny-llama",
@@ -112,7 +112,7 @@ def run_overhead_bench(models_dir: str = ".shoal/models", requests: int = 30,
     import ray
     from ray import serve
 
-    from cluster.tiny_models import make_test_models
+    from cluster.testing.tiny_models import make_test_models
 
     path = str(make_test_models(Path(models_dir), [MODEL])[MODEL].resolve())
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

@@ -6,7 +6,7 @@ One run, one machine, ratios within the run:
   from the host weight cache (tmpfs), prefix-cache reset included: the exact
   code path the engine worker uses (``EngineShell.swap_in``). "Warm" means
   the shell has served that model before, so on CPU it takes the PREPARED
-  path (``cluster/cpu_weight_swap.py``); ``swap_paths`` counts the paths;
+  path (``cluster/engine/cpu_weight_swap.py``); ``swap_paths`` counts the paths;
 - ``first_swap_s``: each model's first swap into the shell (RELOAD path:
   vLLM's ``reload_weights`` plus keeping the result prepared), not in p50;
 - ``reload_swap_s_p50``: the same swaps forced through ``reload_weights``
@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 from cluster.catalog import ModelSpec
-from cluster.checkpoint import read_checkpoint
-from cluster.engine_shell import PREPARED, RELOAD, EngineShell
-from cluster.tiny_models import make_test_models
-from cluster.weight_cache import HostWeightCache
+from cluster.engine.checkpoint import read_checkpoint
+from cluster.engine.shell import PREPARED, RELOAD, EngineShell
+from cluster.testing.tiny_models import make_test_models
+from cluster.engine.weight_cache import HostWeightCache
 
 PAIR = ("swap-llama-a", "swap-llama-b")
 

@@ -25,7 +25,7 @@ class DeviceSpec:
     cost_per_hour: float = 0.0
     # Ray resources the worker actor claims, e.g. {"GPU": 1}; none for CPU.
     claim: tuple[tuple[str, float], ...] = ()
-    # Same-family models take turns on one engine (cluster/timeshare.py); None = off.
+    # Same-family models take turns on one engine (cluster/engine/timeshare.py); None = off.
     timeshare: TimeshareConfig | None = None
 
 
