@@ -8,7 +8,7 @@ STAMP := $(VENV)/.shoal-installed
 EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install lint-imports run test test-fast bench clean
 
 install: $(STAMP)
 
@@ -29,11 +29,15 @@ run: install
 	$(BIN)/shoal up --demo
 	$(BIN)/shoal demo
 
-test: install
+# The import rules first (pyproject.toml [tool.importlinter]): who may import whom.
+lint-imports: install
+	$(BIN)/lint-imports --no-cache
+
+test: lint-imports
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-# Policy and schema tests only: no Ray, no vLLM.
-test-fast: install
+# Policy, schema and fake-worker control-plane tests only: no Ray cluster, no vLLM.
+test-fast: lint-imports
 	$(BIN)/python -m pytest -q -m "not engine and not ray" $(PYTEST_ARGS)
 
 bench: install
