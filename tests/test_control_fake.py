@@ -49,7 +49,14 @@ def run(scenario):
             return await scenario(c, fleet, Router(LocalHandle(c)))
         finally:
             await c.shutdown_cluster()
-    return asyncio.run(main())
+    # A loop of its own, never installed as the thread's loop: asyncio.run
+    # would leave the thread without one, and later tests (and Ray) that
+    # call asyncio.get_event_loop() would then fail.
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
 
 
 async def collect(stream) -> tuple[list[int], list[dict]]:
