@@ -57,6 +57,9 @@ def run(scenario):
         return loop.run_until_complete(main())
     finally:
         loop.close()
+        import ray
+
+        assert not ray.is_initialized(), "a fake-fleet test started Ray"
 
 
 async def collect(stream) -> tuple[list[int], list[dict]]:

@@ -168,8 +168,15 @@ async def _call(method, *args, attempts: int = 10):
 
 
 def cancel_stream(gen) -> None:
+    """Stop a worker's stream (its request is aborted inside vLLM)."""
+    cancel = getattr(gen, "cancel", None)  # a fake worker's stream stops itself
+    if cancel is not None:
+        cancel()
+        return
     import ray
 
+    if not ray.is_initialized():  # ray.cancel would start a Ray instance here
+        return
     try:
         ray.cancel(gen)
     except Exception:  # already finished or its actor is dead

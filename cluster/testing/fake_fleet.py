@@ -249,6 +249,10 @@ class _Stream:
     def __init__(self, handle: LocalHandle, agen):
         self.handle, self.agen = handle, agen
 
+    def cancel(self) -> None:
+        """What ``ray.cancel`` does to a real stream: the generator is closed."""
+        asyncio.ensure_future(self.agen.aclose())
+
     def __aiter__(self):
         return self
 
