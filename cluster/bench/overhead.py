@@ -20,9 +20,10 @@ import statistics
 import time
 from pathlib import Path
 
+from cluster.bench import servers
+
 PROMPT = "The tide comes in twice a day and the boats"
 MAX_TOKENS = 8
-KV_BYTES = 64 * 2**20
 MODEL = "tiny-llama-a"
 
 
@@ -54,7 +55,7 @@ def _direct(path: str, n: int) -> list[float]:
     from cluster.engine.worker import start_engine_worker
 
     spec = ModelSpec(name=MODEL, path=path, family="tiny-llama",
-                     kv_cache_bytes=KV_BYTES).resolved()
+                     kv_cache_bytes=servers.KV_BYTES).resolved()
     w = start_engine_worker(DeviceSpec("bench-direct", "cpu", 2**30))
     ray.get(w.load.remote(spec))
     sampling = {"temperature": 0, "max_tokens": MAX_TOKENS}
@@ -67,44 +68,6 @@ def _direct(path: str, n: int) -> list[float]:
     finally:
         ray.get(w.shutdown.remote())
         ray.kill(w)
-
-
-def _shoal(path: str, n: int, port: int) -> list[float]:
-    import ray
-    from ray import serve
-
-    from cluster.control.controller import get_controller
-    from serve_apps.app import build_app
-
-    catalog = {"models": [{"name": MODEL, "path": path, "family": "tiny-llama",
-                           "kv_cache_bytes": KV_BYTES}],
-               "cpu_devices": [{"id": "bench-cpu", "memory_bytes": 2**30}]}
-    serve.run(build_app({"catalog": catalog}), name="shoal", route_prefix="/shoal")
-    try:
-        return _timed(lambda: _post(f"http://127.0.0.1:{port}/shoal/v1/completions", MODEL), n)
-    finally:
-        c = get_controller()
-        ray.get(c.shutdown_cluster.remote())
-        serve.delete("shoal")
-        ray.kill(c, no_restart=True)
-
-
-def _rayserve_llm(path: str, n: int, port: int) -> list[float]:
-    from ray import serve
-    from ray.serve.llm import LLMConfig, build_openai_app
-
-    config = LLMConfig(
-        model_loading_config={"model_id": MODEL, "model_source": path},
-        engine_kwargs={"max_model_len": 512, "enforce_eager": True,
-                       "kv_cache_memory_bytes": KV_BYTES, "seed": 0},
-        placement_group_config={"bundles": [{"CPU": 1}]},
-        deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
-    )
-    serve.run(build_openai_app({"llm_configs": [config]}), name="rayllm", route_prefix="/rayllm")
-    try:
-        return _timed(lambda: _post(f"http://127.0.0.1:{port}/rayllm/v1/completions", MODEL), n)
-    finally:
-        serve.delete("rayllm")
 
 
 def run_overhead_bench(models_dir: str = ".shoal/models", requests: int = 30,
@@ -121,8 +84,10 @@ def run_overhead_bench(models_dir: str = ".shoal/models", requests: int = 30,
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         direct = _direct(path, requests)
-        shoal = _shoal(path, requests, port)
-        rayllm = _rayserve_llm(path, requests, port)
+        with servers.shoal(path, MODEL, port) as url:
+            shoal = _timed(lambda: _post(f"{url}/v1/completions", MODEL), requests)
+        with servers.rayserve_llm(path, MODEL, port) as url:
+            rayllm = _timed(lambda: _post(f"{url}/v1/completions", MODEL), requests)
     finally:
         serve.shutdown()
         ray.shutdown()

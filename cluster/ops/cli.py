@@ -55,7 +55,14 @@ def _run_bench(args) -> dict:
                                      requests=args.trace_requests, seed=args.seed,
                                      plot=args.plot or None, disciplines=args.disciplines,
                                      output=(args.output_median, args.output_sigma,
-                                             args.output_max))
+                                             args.output_max),
+                                     repeats=args.repeats, bracket=not args.no_bracket)
+    elif args.what == "serve":
+        from cluster.bench.serve import run_serve_bench
+
+        result = run_serve_bench(args.models_dir, concurrencies=tuple(args.concurrency),
+                                 prompts=args.prompts, repeats=args.repeats,
+                                 plot=args.serve_plot or None, which=tuple(args.servers))
     else:  # argparse restricts choices
         raise AssertionError(args.what)
     return result
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     m.set_defaults(fn=_make_test_models)
 
     b = sub.add_parser("bench", help="benchmarks that print one JSON object")
-    b.add_argument("what", choices=["swap", "overhead", "timeshare"])
+    b.add_argument("what", choices=["swap", "overhead", "timeshare", "serve"])
     b.add_argument("--json", action="store_true", help="one line of JSON")
     b.add_argument("--models-dir", default=".shoal/models")
     b.add_argument("--swaps", type=int, default=10, help="swap: swaps to time")
@@ -126,6 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--output-max", type=int, default=1800, help="timeshare: output cap")
     b.add_argument("--plot", default="bench-results/timeshare.png",
                    help="timeshare: where to save the attainment plot ('' = none)")
+    b.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32],
+                   help="serve: client concurrencies to sweep")
+    b.add_argument("--prompts", type=int, default=64, help="serve: prompts per run")
+    b.add_argument("--repeats", type=int, default=2,
+                   help="serve: runs per concurrency; timeshare: traces (seeds) per rate")
+    b.add_argument("--no-bracket", action="store_true",
+                   help="timeshare: only the swept rates (no halving/doubling to bracket "
+                        "each discipline's sustainable rate)")
+    b.add_argument("--servers", nargs="+", default=["vllm", "rayserve_llm", "shoal"],
+                   choices=["vllm", "rayserve_llm", "shoal"], help="serve: which servers")
+    b.add_argument("--serve-plot", default="bench-results/serve.png",
+                   help="serve: where to save the throughput plot ('' = none)")
     b.set_defaults(fn=_bench)
 
     u = sub.add_parser("up", help="start the controller and the OpenAI front door")
