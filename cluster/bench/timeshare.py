@@ -15,8 +15,13 @@ step of about 25 ms on its GPUs) scaled by this machine's measured decode
 step at a batch of ``STEP_BATCH``: ``scale = step / 0.025``; its 4 s round
 bound is scaled alike. A request meets the SLO if its TTFT
 and its TPOT (mean gap between tokens after the first) are both within.
-``sustainable_rate`` is the highest swept rate at or below which every rate
-reaches 95% attainment.
+``sustainable_rate`` is the highest measured rate at or below which every
+rate reaches 95% attainment. Each rate replays ``repeats`` traces (other
+seeds); a row pools their requests and lists each repeat's attainment, and
+the sustainable rate and the token/request ratio are also given per repeat
+(their spread). Unless ``bracket`` is off, the sweep is extended (halving
+below, doubling above, up to ``MAX_BRACKET_STEPS``) until each discipline's
+sustainable rate lies inside it, so that the ratio is defined.
 
 The worker runs in this process, without Ray: the benchmark measures the
 device scheduler, not the transport, which both disciplines share anyway.
@@ -48,6 +53,7 @@ DISCIPLINES = ("token", "aegaeon", "request")
 OUTPUT_MEDIAN, OUTPUT_SIGMA, OUTPUT_MAX = 250, 1.0, 1800
 MAX_MODEL_LEN = 2048  # the tiny models' max_position_embeddings
 STEP_BATCH = 8  # the SLO scale's basis: a decode step at this batch size
+MAX_BRACKET_STEPS = 3  # halvings below / doublings above the swept rates
 
 
 def make_trace(rate: float, n: int, seed: int, vocab: int,
@@ -91,18 +97,24 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-async def _replay(worker: EngineWorker, trace: list[dict], slo: SLO) -> dict:
+_TOTALS = ("switches", "preemptions", "swap_s", "restart_s", "busy_s")
+
+
+async def _replay(worker: EngineWorker, trace: list[dict]) -> tuple[list[dict], dict, float]:
+    """One replay: per-request results, the scheduler's totals over it, wall time."""
     (sched,) = worker.pool.groups.values()
     before = sched.stats()
     t0 = time.monotonic()
     results = await asyncio.gather(*(_one(worker, r, t0) for r in trace))
     wall = time.monotonic() - t0
     after = sched.stats()
-    d = {k: getattr(after, k) - getattr(before, k)
-         for k in ("switches", "preemptions", "swap_s", "restart_s", "busy_s")}
+    return list(results), {k: getattr(after, k) - getattr(before, k) for k in _TOTALS}, wall
+
+
+def _row(results: list[dict], d: dict, wall: float, slo: SLO) -> dict:
     ok = [r["ttft_s"] <= slo.ttft_s and r["tpot_s"] <= slo.tpot_s for r in results]
     ttft, tpot = [r["ttft_s"] for r in results], [r["tpot_s"] for r in results]
-    return {"slo_attainment": round(sum(ok) / len(ok), 4),
+    return {"slo_attainment": round(sum(ok) / len(ok), 4), "requests": len(results),
             "ttft_misses": sum(r["ttft_s"] > slo.ttft_s for r in results),
             "tpot_misses": sum(r["tpot_s"] > slo.tpot_s for r in results),
             "ttft_s_p50": _pct(ttft, 50), "ttft_s_p99": _pct(ttft, 99),
@@ -112,6 +124,39 @@ async def _replay(worker: EngineWorker, trace: list[dict], slo: SLO) -> dict:
             if d["busy_s"] else 0.0,
             "tokens_per_s": round(sum(r["tokens"] for r in results) / wall, 1),
             "duration_s": round(wall, 2)}
+
+
+async def _measure(worker: EngineWorker, rate: float, requests: int, seeds: list[int],
+                   vocab: int, output: tuple[float, float, int], slo: SLO) -> dict:
+    """One rate, one trace per seed (a repeat each): the row pools every
+    repeat's requests; ``attainment_by_repeat`` shows the spread."""
+    pooled, totals, wall, per_repeat = [], dict.fromkeys(_TOTALS, 0.0), 0.0, []
+    for seed in seeds:
+        results, d, w = await _replay(worker, make_trace(rate, requests, seed, vocab, output))
+        per_repeat.append(_row(results, d, w, slo)["slo_attainment"])
+        pooled += results
+        totals = {k: totals[k] + d[k] for k in _TOTALS}
+        wall += w
+    row = {"rate": rate, **_row(pooled, totals, wall, slo), "attainment_by_repeat": per_repeat}
+    row["switches"], row["preemptions"] = int(row["switches"]), int(row["preemptions"])
+    return row
+
+
+def _ratio(tok: float, req: float) -> float | None:
+    return round(tok / req, 3) if req else None
+
+
+def _goal(token: dict, request: dict) -> dict:
+    """token over request, pooled and per repeat. No ratio when request-level
+    sustained no measured rate: the goal is then undecided (None), never met."""
+    ratio = _ratio(token["sustainable_rate"], request["sustainable_rate"])
+    by_repeat = [_ratio(t, r) for t, r in zip(token["sustainable_rate_by_repeat"],
+                                               request["sustainable_rate_by_repeat"])]
+    defined = [x for x in by_repeat if x is not None]
+    return {"token_over_request": ratio,
+            "token_over_request_by_repeat": by_repeat,
+            "token_over_request_spread": [min(defined), max(defined)] if defined else None,
+            "goal_token_at_least_2x_request": None if ratio is None else ratio >= 2}
 
 
 def sustainable(by_rate: list[dict]) -> float:
@@ -145,7 +190,8 @@ async def _measure_step(worker: EngineWorker, batch: int = STEP_BATCH, runs: int
 
 async def _bench(models_dir: str, rates: list[float], requests: int, seed: int,
                  plot: str | None, disciplines: tuple[str, ...],
-                 output: tuple[float, float, int]) -> dict:
+                 output: tuple[float, float, int], repeats: int, bracket: bool) -> dict:
+    seeds = [seed + 1000 * i for i in range(repeats)]
     paths = make_test_models(models_dir, MODELS)
     specs = [ModelSpec(name=m, path=str(paths[m]), family="tiny-llama",
                        max_model_len=MAX_MODEL_LEN,
@@ -177,7 +223,9 @@ async def _bench(models_dir: str, rates: list[float], requests: int, seed: int,
                              "max_round_s": round(max_round_s, 4),
                              "step_batch": STEP_BATCH,
                              "basis": "Aegaeon TTFT 10 s / TPOT 100 ms at a ~25 ms step"},
-                     "trace": {"seed": seed, "requests_per_rate": requests, "rates": rates,
+                     "trace": {"seeds": seeds, "requests_per_rate": requests * repeats,
+                               "requests_per_repeat": requests, "rates": rates,
+                               "bracketed": bracket,
                                "arrivals": "poisson", "models": "uniform",
                                "output_tokens": {"lognormal_median": output[0],
                                                  "sigma": output[1], "min": 8, "max": output[2]},
@@ -186,21 +234,35 @@ async def _bench(models_dir: str, rates: list[float], requests: int, seed: int,
             worker.set_timeshare({"discipline": disc, "max_round_s": max_round_s,
                                   "min_quota_s": min(TimeshareConfig().min_quota_s,
                                                      max_round_s)})
-            rows = []
-            for rate in rates:
-                trace = make_trace(rate, requests, seed, vocab, output)
-                row = {"rate": rate, **await _replay(worker, trace, slo)}
+            rows: list[dict] = []
+
+            async def measure(rate: float) -> None:
+                row = await _measure(worker, rate, requests, seeds, vocab, output, slo)
                 rows.append(row)
-                print(f"[timeshare] {disc:7s} rate {rate:5.2f}/s: attainment "
-                      f"{row['slo_attainment']:.2f} (TTFT misses {row['ttft_misses']}, "
-                      f"TPOT misses {row['tpot_misses']})", file=sys.stderr)
-            out[disc] = {"sustainable_rate": sustainable(rows), "by_rate": rows}
+                print(f"[timeshare] {disc:7s} rate {rate:6.3f}/s: attainment "
+                      f"{row['slo_attainment']:.2f} by repeat {row['attainment_by_repeat']} "
+                      f"(TTFT misses {row['ttft_misses']}, TPOT misses {row['tpot_misses']})",
+                      file=sys.stderr)
+
+            for rate in sorted(rates):
+                await measure(rate)
+            # Bracket the sustainable rate: halve below the sweep while even
+            # its lowest rate misses the goal, double above while its
+            # highest still meets it, so the ratio below is defined.
+            while bracket and sustainable(rows) == 0 and min(r["rate"] for r in rows) / 2 >= \
+                    min(rates) / 2 ** MAX_BRACKET_STEPS:
+                await measure(min(r["rate"] for r in rows) / 2)
+            while bracket and sustainable(rows) == max(r["rate"] for r in rows) and \
+                    max(r["rate"] for r in rows) * 2 <= max(rates) * 2 ** MAX_BRACKET_STEPS:
+                await measure(max(r["rate"] for r in rows) * 2)
+            rows.sort(key=lambda r: r["rate"])
+            out[disc] = {"sustainable_rate": sustainable(rows),
+                         "sustainable_rate_by_repeat": [
+                             sustainable([{**r, "slo_attainment": r["attainment_by_repeat"][i]}
+                                          for r in rows]) for i in range(len(seeds))],
+                         "by_rate": rows}
         if "token" in out and "request" in out:
-            tok, req = out["token"]["sustainable_rate"], out["request"]["sustainable_rate"]
-            out["token_over_request"] = round(tok / req, 3) if req else None
-            # No ratio when request-level sustained no swept rate: the goal
-            # is then undecided on this sweep (None), never reported met.
-            out["goal_token_at_least_2x_request"] = (tok >= 2 * req) if req else None
+            out.update(_goal(out["token"], out["request"]))
         if plot:
             out["plot"] = _plot(out, plot)
         _table(out)
@@ -250,6 +312,7 @@ def _plot(out: dict, path: str) -> str:
 
 def run_timeshare_bench(models_dir: str, rates: list[float], requests: int = 40,
                         seed: int = 0, plot: str | None = "timeshare.png",
+                        repeats: int = 2, bracket: bool = True,
                         disciplines: tuple[str, ...] = ("token", "request"),
                         output: tuple[float, float, int] = (OUTPUT_MEDIAN, OUTPUT_SIGMA,
                                                             OUTPUT_MAX)) -> dict:
@@ -258,5 +321,7 @@ def run_timeshare_bench(models_dir: str, rates: list[float], requests: int = 40,
         raise ValueError(f"unknown discipline(s) {sorted(unknown)}; choose from {DISCIPLINES}")
     if not 8 <= output[2] <= MAX_MODEL_LEN - 100:
         raise ValueError(f"output max must be in [8, {MAX_MODEL_LEN - 100}], got {output[2]}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     return asyncio.run(_bench(models_dir, rates, requests, seed, plot, tuple(disciplines),
-                              output))
+                              output, repeats, bracket))
