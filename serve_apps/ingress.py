@@ -150,7 +150,8 @@ class ShoalIngress(ShoalGrpcMixin):
                 # Done once the last event is out: a client may hang up right
                 # after it, before the Ray stream reports its own end, and
                 # that is no disconnect (it was counted a 499 before).
-                finished = finished or sse.startswith(SSE_DONE)
+                # (A message may carry several events: [DONE] is its last.)
+                finished = finished or sse.rstrip().endswith(SSE_DONE)
                 yield sse
             finished = True
         except Exception as e:  # the worker died mid-stream: end with an error event

@@ -48,7 +48,9 @@ def _client_run(url: str, path: str, concurrency: int, prompts: int, seed: int) 
         "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "50,99",
         "--seed", str(seed), "--disable-tqdm"])
     result = main(args)
-    return {ours: result.get(theirs) for theirs, ours in FIGURES.items()}
+    # vLLM's figures are numpy scalars: plain floats, so the JSON can hold them.
+    return {ours: None if result.get(theirs) is None else float(result[theirs])
+            for theirs, ours in FIGURES.items()}
 
 
 def _summary(runs: list[dict]) -> dict:

@@ -41,6 +41,7 @@ from typing import Any
 
 from cluster.catalog import SLO, ModelSpec, TimeshareConfig
 from cluster.engine.checkpoint import read_checkpoint
+from cluster.engine.coalesce import sse_batches
 from cluster.engine.contract import DeviceStats, ModelStatus, Unloaded, WorkerStats
 from cluster.engine.device import DeviceSpec, sleep_mode_supported
 from cluster.engine.registry import ACTIVE, PARKED, TIMESHARED, UNLOADING, ModelEntry, ModelRegistry
@@ -251,7 +252,7 @@ class EngineWorker:
         ``cluster/engine/openai_serving.py`` for what is yielded."""
         entry, serving = self._serving(str(body.get("model")))
         async with serving.openai_layer() as layer:
-            async for item in layer.handle(self.requests, entry.name, kind, body):
+            async for item in sse_batches(layer.handle(self.requests, entry.name, kind, body)):
                 yield item
 
     async def openai_once(self, kind: str, body: dict) -> dict:
