@@ -1,9 +1,11 @@
-"""The resumable OpenAI path (``resumable_openai``): vLLM's serving layer at
-the front door over Shoal's token streams, against the engine-side layer on
-the same models, real vLLM on CPU, the ``openai`` client.
+"""The resumable OpenAI path (the default): vLLM's serving layer at the
+front door over Shoal's token streams, against the engine-side layer
+(``resumable_openai: false``) on the same models, real vLLM on CPU, the
+``openai`` client.
 
-A second ingress ("/r") serves the same catalog through the same
-controller as the ``front_door`` app, so both paths meet the same engines.
+A second ingress ("/e", engine-side) serves the same catalog through the
+same controller as the ``front_door`` app, so both paths meet the same
+engines.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ def urls(front_door):
     from serve_apps.app import build_app
 
     serve.run(build_app({"catalog": front_door["catalog"], "admin_key": ADMIN_KEY,
-                         "resumable_openai": True}), name="shoal-r", route_prefix="/r")
-    yield {"old": f"{front_door['url']}/v1", "new": f"{front_door['url']}/r/v1",
+                         "resumable_openai": False}), name="shoal-e", route_prefix="/e")
+    yield {"old": f"{front_door['url']}/e/v1", "new": f"{front_door['url']}/v1",
            "admin": front_door["url"]}
-    serve.delete("shoal-r")
+    serve.delete("shoal-e")
 
 
 def client(url: str) -> openai.OpenAI:
