@@ -40,10 +40,6 @@ def fake_token(model: str, prompt: str, position: int) -> int:
     return int.from_bytes(digest, "big") % VOCAB
 
 
-class _Dead(Exception):
-    pass
-
-
 class FakeWorker:
     """The engine worker's control and request surface, in memory."""
 
