@@ -10,6 +10,7 @@ vLLM's OpenAI error shape; ``Retry-After`` accompanies every 503.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -53,6 +54,12 @@ async def _json_or_empty(request: Request) -> dict:
     return body if isinstance(body, dict) else {}
 
 
+async def _values(gen):
+    """A Ray streaming generator's values."""
+    async for ref in gen:
+        yield await ref
+
+
 # Module-level helpers the deployment uses must be defined above it: Serve
 # serializes the class when the decorator runs, capturing only the globals
 # that exist at that point.
@@ -64,11 +71,19 @@ SSE_DONE = "data: [DONE]"  # the OpenAI stream's last event
 class ShoalIngress(ShoalGrpcMixin):
     def __init__(self, catalog: dict, admin_key: str | None = None,
                  rate_limit_rps: float | None = None,
-                 rate_limits: dict[str, float] | None = None):
+                 rate_limits: dict[str, float] | None = None,
+                 resumable_openai: bool = False):
         self.catalog = Catalog.model_validate(catalog)
         self.specs = {m.name: m for m in self.catalog.models}
         self.controller = get_or_create_controller(self.catalog)
         self.router = Router(self.controller)
+        # vLLM's OpenAI layer here, over resumable token streams (preempted,
+        # moved, resumed like the token API); else next to each engine.
+        self.frontends = None
+        if resumable_openai:
+            from cluster.gateway.frontends import OpenAIFrontends  # imports vLLM: only if used
+
+            self.frontends = OpenAIFrontends(self.specs, self.router)
         self.admin_key = admin_key or os.environ.get("SHOAL_ADMIN_KEY") or None
         self.limiter = RateLimiter(rate_limit_rps, rate_limits)
         self.metrics = FrontDoorMetrics()
@@ -111,15 +126,32 @@ class ShoalIngress(ShoalGrpcMixin):
         if limited is not None:
             return error_response(limited)
         try:
-            gen, first = await self._start(model, kind, body, bool(body.get("stream")))
+            if self.frontends is not None:
+                items, first = await self._start_here(model, kind, body)
+                strings, cancel = items, lambda: asyncio.ensure_future(items.aclose())
+            else:
+                gen, first = await self._start(model, kind, body, bool(body.get("stream")))
+                strings, cancel = _values(gen), lambda: cancel_stream(gen)
         except ShoalError as e:
             self.metrics.request_failed(model, e)
             return error_response(e)
         if not first.get("stream"):
             self.metrics.request_done(model, first["status"], t0, [time.monotonic()])
-            return Response(first["body_json"], status_code=first["status"],
-                            media_type="application/json")
-        return StreamingResponse(self._relay(gen, model, t0), media_type="text/event-stream")
+            text = first["body_json"] if "body_json" in first else json.dumps(first["body"])
+            return Response(text, status_code=first["status"], media_type="application/json")
+        return StreamingResponse(self._relay(strings, cancel, model, t0),
+                                 media_type="text/event-stream")
+
+    async def _start_here(self, model: str, kind: str, body: dict) -> tuple[Any, dict]:
+        """vLLM's serving layer at this front door: a cold model waits (or
+        gets its 503) before vLLM sees the request; its first item next."""
+        await self.router.pick(model, arrival=False)
+        layer = await self.frontends.get(model)
+        items = layer.handle(self.frontends.tracker, model, kind, body)
+        first = await items.__anext__()
+        if not first.get("stream"):
+            await items.aclose()
+        return items, first
 
     async def _start(self, model: str, kind: str, body: dict,
                      stream: bool) -> tuple[Any, dict]:
@@ -138,14 +170,13 @@ class ShoalIngress(ShoalGrpcMixin):
             await self.router.refresh(force=True)
         raise ServiceUnavailableError(f"no copy of {model!r} accepted the request; retry")
 
-    async def _relay(self, gen, model: str, t0: float):
+    async def _relay(self, strings, cancel, model: str, t0: float):
         """Pass vLLM's SSE strings through; a client that leaves cancels the
-        Ray stream, which aborts the request inside vLLM."""
+        stream, which aborts the request inside vLLM."""
         stamps: list[float] = []
         finished = False
         try:
-            async for ref in gen:
-                sse = await ref
+            async for sse in strings:
                 stamps.append(time.monotonic())
                 # Done once the last event is out: a client may hang up right
                 # after it, before the Ray stream reports its own end, and
@@ -160,7 +191,7 @@ class ShoalIngress(ShoalGrpcMixin):
             yield sse_error(f"stream interrupted: {e}", 503)
         finally:
             if not finished:
-                cancel_stream(gen)
+                cancel()
             self.metrics.request_done(model, 200 if finished else 499, t0, stamps,
                                       self.specs[model].slo)
 

@@ -26,7 +26,9 @@ class InflightRequest:
     request_id: str
     model: str
     prompt_token_ids: list[int]
-    sampling: dict[str, Any]  # user sampling params, max_tokens as asked
+    # User sampling params, max_tokens as asked: a dict (token API, gRPC) or
+    # a vLLM SamplingParams the front door's OpenAI path built already.
+    sampling: Any
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None  # None while waiting for prefill
     abort_reason: str | None = None  # set when the worker ends the request
@@ -103,12 +105,26 @@ async def _stop_in_engine(victims: list[InflightRequest], abort: Callable) -> in
     return len(victims)
 
 
-def sampling_params(sampling: dict[str, Any], already_generated: int):
+def max_tokens(sampling: Any) -> int:
+    """The request's whole output budget: a sampling dict's or a vLLM
+    ``SamplingParams``' (the front door's OpenAI path sends those)."""
+    if isinstance(sampling, dict):
+        return sampling.get("max_tokens", DEFAULT_MAX_TOKENS)
+    return sampling.max_tokens
+
+
+def sampling_params(sampling: Any, already_generated: int):
     """vLLM SamplingParams for the rest of a request, as a delta stream."""
     from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import RequestOutputKind
 
+    if not isinstance(sampling, dict):  # already validated by vLLM at the front door
+        params = sampling.clone()
+        params.max_tokens = sampling.max_tokens - already_generated
+        params.min_tokens = max(0, (sampling.min_tokens or 0) - already_generated)
+        params.output_kind = RequestOutputKind.DELTA
+        return params
     params = dict(sampling)
     params["max_tokens"] = params.get("max_tokens", DEFAULT_MAX_TOKENS) - already_generated
     if "min_tokens" in params:
@@ -130,7 +146,7 @@ async def run_stream(tracker: RequestTracker, shell, max_model_len: int,
     if req.request_id in tracker.inflight:
         raise BadRequestError(f"request id {req.request_id!r} is already in flight")
     first: dict[str, Any] = {"request": req.description(), "num_generated": len(generated)}
-    remaining = req.sampling.get("max_tokens", DEFAULT_MAX_TOKENS) - len(generated)
+    remaining = max_tokens(req.sampling) - len(generated)
     if remaining <= 0:  # a resume of a request that had already finished
         yield {**first, "token_ids": [], "text": "", "finished": True, "finish_reason": "length"}
         return
@@ -149,9 +165,12 @@ async def run_stream(tracker: RequestTracker, shell, max_model_len: int,
             finished = out.finished
             if "request" in first:  # prompt tokens vLLM found in its prefix cache
                 first["num_cached_tokens"] = out.num_cached_tokens or 0
-            yield {**first, "token_ids": list(o.token_ids), "text": o.text,
-                   "finished": finished, "finish_reason": o.finish_reason,
-                   "num_generated": n_generated}
+            chunk = {**first, "token_ids": list(o.token_ids), "text": o.text,
+                     "finished": finished, "finish_reason": o.finish_reason,
+                     "stop_reason": o.stop_reason, "num_generated": n_generated}
+            if o.logprobs:
+                chunk["logprobs"] = logprob_rows(o.token_ids, o.logprobs, req.sampling)
+            yield chunk
             first = {"num_generated": n_generated}
         if finished:
             _observe(tracker, req, len(generated), n_generated, last_at)
@@ -168,6 +187,22 @@ async def run_stream(tracker: RequestTracker, shell, max_model_len: int,
             # The consumer left (cancel/close) or an error broke the stream:
             # make sure vLLM stops spending compute on it.
             await shell.abort(req.request_id)
+
+
+def logprob_rows(token_ids, logprobs, sampling: Any) -> list[tuple[list[int], list[float], int]]:
+    """Per generated token: the sampled token then the top-k ids, their
+    logprobs, and the sampled token's rank: vLLM's own row layout
+    (``LogprobsLists``), so the front door rebuilds them exactly."""
+    k = sampling.get("logprobs") if isinstance(sampling, dict) else sampling.logprobs
+    k = k if k is not None and k >= 0 else 0
+    rows = []
+    for tok, pos in zip(token_ids, logprobs):
+        d = dict(pos)
+        top = sorted((x for x in d.items() if x[1].rank is not None and x[1].rank <= k),
+                     key=lambda x: x[1].rank)[:k]
+        rows.append(([tok] + [t for t, _ in top], [d[tok].logprob] + [lp.logprob for _, lp in top],
+                     d[tok].rank))
+    return rows
 
 
 def _observe(tracker: RequestTracker, req: InflightRequest, resumed_from: int,

@@ -225,7 +225,7 @@ class EngineWorker:
         entry, serving = self._serving(model)
         ids = list(prompt_token_ids) if prompt_token_ids is not None \
             else serving.tokenize(prompt or "")
-        req = InflightRequest(request_id or uuid.uuid4().hex, model, ids, dict(sampling or {}))
+        req = InflightRequest(request_id or uuid.uuid4().hex, model, ids, _sampling(sampling))
         async for chunk in run_stream(self.requests, serving, entry.spec.max_model_len, req, []):
             yield chunk
 
@@ -241,7 +241,7 @@ class EngineWorker:
         """
         entry, serving = self._serving(request["model"])
         req = InflightRequest(request.get("request_id") or uuid.uuid4().hex, request["model"],
-                              list(request["prompt_token_ids"]), dict(request.get("sampling") or {}))
+                              list(request["prompt_token_ids"]), _sampling(request.get("sampling")))
         async for chunk in run_stream(self.requests, serving, entry.spec.max_model_len, req,
                                       list(generated_token_ids)):
             yield chunk
@@ -327,6 +327,11 @@ class EngineWorker:
             last_swap_s=e.last_swap_s, ttft_s=latency.get("ttft_s"),
             tpot_s=latency.get("tpot_s"),
             turns=group.model_stats(e.name) if group is not None else None)
+
+
+def _sampling(sampling: Any) -> Any:
+    """A sampling dict (copied), or a vLLM SamplingParams as it is."""
+    return dict(sampling or {}) if sampling is None or isinstance(sampling, dict) else sampling
 
 
 def start_engine_worker(device: DeviceSpec, name: str | None = None, **actor_options):
