@@ -177,6 +177,9 @@ class TurnMachine:
         self.turn_first: float | None = None  # first resumed token of this turn
         self.totals = Totals()
         self._turn: _Turn | None = None
+        # Set to a list to record every decision with its inputs' time: the
+        # live-vs-simulator test compares two drivers' records.
+        self.log: list[tuple] | None = None
 
     # ------------------------------------------------------------- events
     def arrive(self, req: TurnRequest) -> bool:
@@ -187,10 +190,12 @@ class TurnMachine:
         self.queues.setdefault(req.model, {})[req.rid] = req
         if req.model not in self.order:
             self.order.append(req.model)
-        if req.model == self.current:
+        joined = req.model == self.current
+        if joined:
             self._start(req)
-            return True
-        return False
+        if self.log is not None:
+            self.log.append(("arrive", req.rid, joined))
+        return joined
 
     def segment_started(self, req: TurnRequest) -> None:
         """``req``'s engine segment begins (its first, or a resume)."""
@@ -249,6 +254,12 @@ class TurnMachine:
 
     def pick(self, now: float) -> str | None:
         """The model that gets the free device now (None: nothing to do)."""
+        model = self._pick(now)
+        if self.log is not None:
+            self.log.append(("pick", now, model))
+        return model
+
+    def _pick(self, now: float) -> str | None:
         busy = [m for m in self.order if self.queues.get(m)]
         if not busy:
             return None
@@ -285,11 +296,19 @@ class TurnMachine:
         if turn.discipline != TOKEN:
             turn.quota_s = self.est[model].quota_s = self._quota(model)
             turn.deadline = now + turn.quota_s
+        if self.log is not None:
+            self.log.append(("begin", now, model, tuple(r.rid for r in start)))
         return start
 
     def judge(self, now: float) -> Keep | EndTurn:
         """Does the running turn go on? Judged at its start, at every arrival
         and departure, and when the last ``Keep.wait_s`` runs out."""
+        verdict = self._judge(now)
+        if self.log is not None:
+            self.log.append(("judge", now, verdict))
+        return verdict
+
+    def _judge(self, now: float) -> Keep | EndTurn:
         turn = self._turn
         if not self.queues.get(turn.model):
             return EndTurn()
@@ -320,6 +339,8 @@ class TurnMachine:
         for r in reqs:
             r.in_engine = False
         self.totals.preemptions += len(reqs)
+        if self.log is not None:
+            self.log.append(("preempt", tuple(r.rid for r in reqs)))
         return reqs
 
     def close(self, now: float) -> None:

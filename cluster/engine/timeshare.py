@@ -247,9 +247,9 @@ class TimeShareScheduler:
         elif req.pump is None:
             req.pump = asyncio.get_running_loop().create_task(self._pump(req))
 
-    async def _pump(self, req: _Req) -> None:
-        """One engine request for ``req``: from its delivered tokens to the end
-        or to the next preemption (cancellation)."""
+    def _segment(self, req: _Req) -> tuple[Any, str]:
+        """A new engine segment of ``req`` begins: the sampling params for the
+        rest of its budget and the segment's engine id."""
         done = len(req.tokens)
         params = req.params
         if done:
@@ -258,11 +258,16 @@ class TimeShareScheduler:
             params.min_tokens = max(0, (req.params.min_tokens or 0) - done)
         seg_id = f"{req.rid}~{req.segments}"  # vLLM may still hold an aborted id
         self.turns.segment_started(req)
+        return params, seg_id
+
+    async def _pump(self, req: _Req) -> None:
+        """One engine request for ``req``: from its delivered tokens to the end
+        or to the next preemption (cancellation)."""
+        params, seg_id = self._segment(req)
         try:
             async for out in self.shell.generate(req.prompt_ids + req.tokens, params, seg_id):
                 self._output(req, out)
                 if out.finished:
-                    req.out.put_nowait(_END)
                     break
             else:
                 return  # the engine stream ended unfinished: left to the turn
@@ -270,7 +275,15 @@ class TimeShareScheduler:
             raise  # preempted or dropped: whoever cancelled it cleans up
         except Exception as e:  # noqa: BLE001 - handed to the request's consumer
             req.out.put_nowait(e)
-        req.pump = None  # this task is ending: nothing for _drop to cancel
+            req.pump = None
+            self._drop(req)
+            return
+        self._finished(req)
+
+    def _finished(self, req: _Req) -> None:
+        """``req``'s last output went out: its stream ends, it leaves the machine."""
+        req.out.put_nowait(_END)
+        req.pump = None  # its engine task is ending: nothing for _drop to cancel
         self._drop(req)
 
     async def _run(self) -> None:
