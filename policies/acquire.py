@@ -1,5 +1,8 @@
 """How a model with no active copy gets one: a ladder, cheapest step first.
 
+0. join  - an allowed device time-shares an engine of its family: it
+           joins the rotation (no memory, no engine: Aegaeon's token-level
+           time-sharing);
 1. swap  - it is parked where a same-family model sits idle: an in-place
            weight swap (milliseconds, no new engine);
 2. wake  - it is parked on a device with room: the weights are already in
@@ -37,7 +40,8 @@ from __future__ import annotations
 
 from policies.actions import (EVICTION_REASON, Action, Load, Park, RequestCapacity, Swap,
                               Unload, Wake)
-from policies.choose import hosts_family, in_memory, is_empty, leftover, swappable_on
+from policies.choose import (hosts_family, in_memory, is_empty, joins_timeshare, leftover,
+                             swappable_on)
 from policies.classify import Heat, demand_key, eviction_order, has_demand
 from policies.plan import Planner
 from policies.view import ACTIVE, PARKED, ClusterView, DeviceView, ModelView
@@ -76,8 +80,8 @@ def acquire(plan: Planner, m: ModelView, heat: Heat, fast: bool, ask: bool = Tru
     """Give ``m`` (which has no copy in memory) an active copy; failing that,
     ask for capacity if ``ask`` (the caller says whether the need is urgent).
     ``fast``: order devices for a hot or big model."""
-    ladder = (_swap, _wake, _load, _load_and_swap, _evict) if fast \
-        else (_swap, _wake, _load_and_swap, _load, _evict)
+    ladder = (_join, _swap, _wake, _load, _load_and_swap, _evict) if fast \
+        else (_join, _swap, _wake, _load_and_swap, _load, _evict)
     for step in ladder:
         if step(plan, m, heat, fast):
             return
@@ -108,6 +112,14 @@ def _allowed(view: ClusterView, m: ModelView, heat: Heat, fast: bool, pred) -> l
     hot = heat.hot_devices(view)
     ds = [d for d in view.devices if m.allowed_on(d) and pred(d)]
     return sorted(ds, key=lambda d: device_key(view, m, d, fast, hot))
+
+
+def _join(plan: Planner, m: ModelView, heat: Heat, fast: bool) -> bool:
+    for d in _allowed(plan.view, m, heat, fast, lambda d: joins_timeshare(plan.view, m, d)):
+        plan.do(Load(m.name, d.id, reason=f"{m.name} wanted; joins its family's time-shared "
+                                          f"engine on {d.id}"))
+        return True
+    return False
 
 
 def _swap(plan: Planner, m: ModelView, heat: Heat, fast: bool) -> bool:

@@ -23,6 +23,9 @@ class DeviceView:
     memory_bytes: int
     speed: float = 1.0  # relative decode throughput; 1.0 = the reference device
     cost_per_hour: float = 0.0
+    # Token-level time-sharing: one engine per family, whose models take
+    # turns on it. A model joins its family's engine with no memory of its own.
+    timeshare: bool = False
 
 
 @dataclass(frozen=True)

@@ -129,18 +129,6 @@ def test_prefix_cache_is_reset_on_every_switch(ts, dedicated):
     assert ids == dedicated["cached"]
 
 
-def test_openai_request_holds_its_turn_while_others_take_theirs(ts, dedicated):
-    """vLLM's OpenAI layer cannot be preempted: its request runs to the end
-    in its model's turn; token-level streams of the others still complete."""
-    streams = {m: ts.generate.remote(m, prompt=LONG_PROMPT, sampling=SAMPLING)
-               for m in ("tiny-llama-a", "tiny-llama-c")}
-    reply = ray.get(ts.openai_once.remote("completions", {
-        "model": "tiny-llama-b", "prompt": LONG_PROMPT, "max_tokens": 12, "temperature": 0}))
-    assert reply["status"] == 200 and '"text"' in reply["body_json"]
-    for m, stream in streams.items():
-        assert collect(stream)[0] == dedicated[m, LONG_PROMPT]
-
-
 def _preempted(worker, model: str) -> bool:
     t = turns(worker).models.get(model)
     return t is not None and t.preempted > 0

@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Callable
 
 from cluster.control.fleet import is_actor_death
 from cluster.errors import ModelNotActiveError, RequestAbortedError, UnknownModelError
@@ -36,8 +36,12 @@ BACKPRESSURE = 4  # chunks a worker may run ahead of a slow client
 
 
 class Router:
-    def __init__(self, controller=None, resolve_timeout_s: float | None = None):
+    def __init__(self, controller=None, resolve_timeout_s: float | None = None,
+                 on_resume: Callable[[str, str], None] | None = None):
         self._controller = controller
+        # Told (model, cause) each time a request continues on another copy:
+        # "moved" (evacuated) or "failed" (its worker died, or the route was stale).
+        self.on_resume = on_resume
         self.resolve_timeout_s = resolve_timeout_s
         self.table: dict = {"version": -1, "routes": {}}
         self._rr = itertools.count()
@@ -71,7 +75,7 @@ class Router:
                 gen = worker.resume.options(
                     num_returns="streaming", _generator_backpressure_num_objects=BACKPRESSURE,
                 ).remote(desc, generated)
-            finished = False
+            finished, cause = False, "moved"
             try:
                 async for ref in gen:
                     chunk = await ref
@@ -85,11 +89,14 @@ class Router:
                     if finished:
                         return
             except Exception as e:
+                cause = "failed"
                 await self.on_failure(e, model, device, avoid)
             finally:
                 if not finished:
                     cancel_stream(gen)  # the client left, or we moved on: stop that copy
             self.hops += 1
+            if self.on_resume is not None:
+                self.on_resume(model, cause)
             await self.refresh(force=True)
         raise RequestAbortedError(f"request {request_id!r} for {model!r} was moved "
                                   f"{MAX_HOPS} times without finishing; giving up")

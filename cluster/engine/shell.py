@@ -73,7 +73,6 @@ class EngineShell:
         self.prepared_swaps_off_reason = "not probed"
         self._prepared: dict[str, _Prepared] = {}
         self.last_swap_path: str | None = None  # RELOAD or PREPARED
-        self._openai = None  # vLLM's OpenAI serving objects, built on first use
 
     @classmethod
     async def start(cls, shell_id: str, spec: ModelSpec, info: CheckpointInfo,
@@ -218,15 +217,6 @@ class EngineShell:
         """The engine's account of ``name``'s prepared copy: counts and bytes."""
         held = self._prepared.get(name)
         return dict(held.summary) if held is not None else None
-
-    async def openai(self, name: str, model_path: str):
-        """vLLM's OpenAI serving layer for this engine, answering as ``name``."""
-        from cluster.engine.openai_serving import OpenAIServing
-
-        if self._openai is None:
-            self._openai = await OpenAIServing.create(self.engine, model_path, name)
-        self._openai.serve_as(name, model_path)
-        return self._openai
 
     # --- GPU-only: vLLM sleep mode. Written against vLLM's documented API
     # (AsyncLLM.sleep / wake_up); it cannot run on our CPU CI machines, where

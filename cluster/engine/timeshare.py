@@ -506,10 +506,3 @@ class Lane:
 
     def tokenize(self, text: str) -> list[int]:
         return self.scheduler.shell.tokenize(text)
-
-    @asynccontextmanager
-    async def openai_layer(self):
-        """vLLM's serving layer keeps its request state in the engine, so
-        it cannot be preempted: it holds the model's turn until done."""
-        async with self.scheduler.exclusive(self.model):
-            yield await self.scheduler.shell.openai(self.model, self.model_path)

@@ -123,7 +123,7 @@ class FakeWorker:
         self.models.remove(name)
         return Unloaded(name, len(aborted))
 
-    async def evacuate(self, name: str, drain_s: float = 0.0) -> int:
+    async def evacuate(self, name: str) -> int:
         await self._gate("evacuate", name)
         self.models.get(name).draining = True
         moving = [r for r, m in self.inflight.items() if m == name]
