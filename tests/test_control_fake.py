@@ -127,6 +127,22 @@ def test_a_dead_worker_is_replaced_its_models_re_placed_and_streams_resume():
     run(scenario)
 
 
+def test_requests_resuming_after_a_death_are_never_shed_by_the_cold_queue():
+    """More streams than the cold-start queue holds (4) lose their worker at
+    once: every one waits for the re-placed copy and finishes. The bound
+    sheds new arrivals only; shedding a resume would lose an accepted request."""
+    async def scenario(c, fleet, router):
+        await c.load("a", "cheap")
+        streams = [router.stream("a", PROMPT, sampling=GREEDY) for _ in range(6)]
+        heads = [[await s.__anext__()] for s in streams]
+        fleet.kill(fleet.handles["cheap"])
+        rests = await asyncio.gather(*(collect(s) for s in streams))
+        for head, (_, rest) in zip(heads, rests):
+            assert [t for ch in head + rest for t in ch["token_ids"]] == expected("a")
+        assert router.hops == 6
+    run(scenario)
+
+
 def test_a_restarted_controller_rebuilds_its_state_from_the_workers():
     async def scenario(c, fleet, router):
         await c.load("a", "cheap")

@@ -177,6 +177,7 @@ def test_requests_in_flight_move_with_an_admin_migration(client, admin, front_do
     API migrates the model: the ones caught by the move resume on the new
     copy, and every answer equals the uninterrupted one."""
     model = "tiny-llama-b"
+    client.completions.create(model=model, prompt=LONG_PROMPT, **SHORT)  # active now
     source = device_of(admin, model)
     target = next(d["id"] for d in admin.get("/admin/status").json()["devices"]
                   if d["id"] != source and d["accelerator_type"])
@@ -206,25 +207,38 @@ def test_requests_in_flight_move_with_an_admin_migration(client, admin, front_do
 
 
 def test_requests_survive_the_death_of_their_engine_worker(client, admin, dedicated):
-    """The worker serving a stream and a non-streaming request is killed:
-    both resume on a new copy from the tokens already made, with the text
-    and token count of an uninterrupted run, usage counted once."""
+    """The worker serving a stream, a non-streaming request with a stop
+    string and an n=2 request with logprobs is killed: all resume on a new
+    copy from the tokens already made. The stream's text and token count
+    equal an uninterrupted run's, usage counted once; the stop string cuts
+    where it would have; each of the n=2 samples runs its full budget."""
     model = "tiny-llama-a"
+    client.completions.create(model=model, prompt=LONG_PROMPT, **SHORT)  # active now
     device = device_of(admin, model)
-    whole = in_thread(client.completions.create, model=model, prompt=LONG_PROMPT, **LONG)
+    full = dedicated["a-long"]
+    stop = full[2 * len(full) // 3:2 * len(full) // 3 + 4]  # well after the kill
+    cut = in_thread(client.completions.create, model=model, prompt=LONG_PROMPT, stop=[stop],
+                    **LONG)
+    pair = in_thread(client.completions.create, model=model, prompt=LONG_PROMPT, n=2,
+                     temperature=0.8, seed=5, logprobs=1, max_tokens=LONG["max_tokens"],
+                     extra_body={"ignore_eos": True})
     stream = client.completions.create(model=model, prompt=LONG_PROMPT, stream=True,
                                        stream_options={"include_usage": True}, **LONG)
     chunks = [next(stream) for _ in range(2)]
     ray.kill(ray.get_actor(worker_actor_name(device), namespace=NAMESPACE))
     chunks += list(stream)
-    whole["thread"].join()
-    assert stream_text(chunks) == dedicated["a-long"]
+    for t in (cut, pair):
+        t["thread"].join()
+        assert "error" not in t, t.get("error")
+    assert stream_text(chunks) == full
     assert chunks[-1].usage.completion_tokens == LONG["max_tokens"]
     assert [c.choices[0].finish_reason for c in chunks
             if c.choices and c.choices[0].finish_reason] == ["length"]
-    assert "error" not in whole, whole.get("error")
-    assert whole["result"].choices[0].text == dedicated["a-long"]
-    assert whole["result"].usage.completion_tokens == LONG["max_tokens"]
+    assert cut["result"].choices[0].text == full[:full.index(stop)]
+    assert cut["result"].choices[0].finish_reason == "stop"
+    samples = pair["result"]
+    assert [len(c.logprobs.tokens) for c in samples.choices] == [LONG["max_tokens"]] * 2
+    assert samples.usage.completion_tokens == 2 * LONG["max_tokens"]
     lost = [a for a in admin.get("/admin/status").json()["recent_actions"]
             if a["action"].startswith("WorkerLost")]
     assert lost and device in lost[-1]["action"]  # it really died mid-request

@@ -83,15 +83,21 @@ class PlacementController:
         self._tasks = [loop.create_task(self._main()), loop.create_task(self._health())]
 
     # ------------------------------------------------------------ data path
-    async def resolve(self, model: str, timeout_s: float | None = None) -> dict:
-        """Routes for ``model``, waiting in the cold-start queue if needed."""
+    async def resolve(self, model: str, timeout_s: float | None = None,
+                      resuming: bool = False) -> dict:
+        """Routes for ``model``, waiting in the cold-start queue if needed.
+
+        ``resuming``: a request already accepted, continuing after its copy
+        went away. It is no new arrival, and the queue's bound (which sheds
+        new load early) does not apply: shedding it would lose the request."""
         spec = self._spec(model)
         await self._ready.wait()
-        self.demand.observe(model, time.time())
+        if not resuming:
+            self.demand.observe(model, time.time())
         if self.routes.get(model):
             return self.route_table()
         waiting = self.waiters.setdefault(model, [])
-        if len(waiting) >= self.cfg.cold_queue_max:
+        if not resuming and len(waiting) >= self.cfg.cold_queue_max:
             raise ColdStartQueueFullError(
                 f"model {model!r} is loading and {len(waiting)} requests already wait for it "
                 f"(cold_queue_max={self.cfg.cold_queue_max})", retry_after_s=5.0)

@@ -66,7 +66,7 @@ class Router:
         generated: list[int] = []
         avoid: set[str] = set()
         for hop in range(MAX_HOPS + 1):
-            device, worker = await self.pick(model, avoid, arrival=hop == 0)
+            device, worker = await self.pick(model, avoid, arrival=hop == 0, resuming=hop > 0)
             if desc is None:
                 gen = worker.generate.options(
                     num_returns="streaming", _generator_backpressure_num_objects=BACKPRESSURE,
@@ -102,16 +102,17 @@ class Router:
                                   f"{MAX_HOPS} times without finishing; giving up")
 
     async def pick(self, model: str, avoid: set[str] = frozenset(),
-                   arrival: bool = True) -> tuple[str, Any]:
+                   arrival: bool = True, resuming: bool = False) -> tuple[str, Any]:
         """A copy of ``model`` to send a request to, loading it if cold.
 
         ``resolve`` counts its own arrivals; ones served from the cached
-        table are batched to the controller as demand."""
+        table are batched to the controller as demand. ``resuming``: for a
+        request already under way (never shed by the cold-start queue)."""
         copies = [c for c in self.table["routes"].get(model, []) if c[0] not in avoid]
         if copies and arrival:
             self._note_arrival(model)
         if not copies:
-            table = await _call(self.controller.resolve, model, self.resolve_timeout_s)
+            table = await _call(self.controller.resolve, model, self.resolve_timeout_s, resuming)
             self._adopt(table)
             copies = [c for c in self.table["routes"].get(model, []) if c[0] not in avoid] \
                 or self.table["routes"].get(model, [])
