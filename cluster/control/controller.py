@@ -9,7 +9,13 @@ controller finds them again and rebuilds placements and routes from their
 
 Cold start: a request for a model with no active copy waits in a bounded
 per-model queue (``resolve``) while the policy loads it; a full queue or a
-timeout is a 503 with Retry-After.
+timeout is a 503 with Retry-After, and so, at once, is a model no device
+here may run and the autoscaler cannot add one for (``Elastic``).
+
+Elastic capacity (``cluster/control/elastic.py``): each round's placement
+actions come with the one standing request to Ray's autoscaler, and devices
+empty long enough are released (worker stopped, so the node can go) or
+taken back.
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ from typing import Any
 from cluster.catalog import Catalog, ModelSpec
 from cluster.control.action_counts import ActionCounts
 from cluster.control.actuator import Actuator, chains
+from cluster.control.elastic import Elastic
 from cluster.control.fleet import NAMESPACE, Fleet, RayFleet, is_actor_death
 from cluster.control.status import device_status, model_status
 from cluster.control.view_builder import build_view
 from cluster.engine.contract import ModelState, WorkerStats
 from cluster.engine.device import DeviceSpec
 from cluster.errors import (ColdStartQueueFullError, LoadTimeoutError, ModelNotActiveError,
-                            ShoalError, UnknownModelError, root_cause)
+                            NoCapacityError, ShoalError, UnknownModelError, root_cause)
 from policies import make_policy
 from policies.actions import Load, Migrate, Unload
 from policies.demand import DemandEstimator
@@ -55,6 +62,8 @@ class PlacementController:
         self.cfg = self.catalog.controller
         self.specs: dict[str, ModelSpec] = {m.name: m for m in self.catalog.models}
         self.policy = make_policy(self.cfg.policy, **self.cfg.policy_config)
+        self.elastic = Elastic(self.catalog, self.policy, self.fleet, self._worker,
+                               self._drop_worker, self._rediscover)
         self.demand = DemandEstimator()
         self.devices: dict[str, DeviceSpec] = {}
         self.workers: dict[str, Any] = {}  # device id -> worker actor handle
@@ -75,7 +84,8 @@ class PlacementController:
         self.problems: dict[str, str] = {}  # model -> why it could not be placed
         self.log: deque[dict] = deque(maxlen=200)  # recent actions
         self.counts = ActionCounts()  # for /metrics
-        self.actuator = Actuator(self._worker, self._spec_dict, self._unroute, self._poll)
+        self.actuator = Actuator(self._worker, self._spec_dict, self._unroute, self._poll,
+                                 self.elastic)
         self._lock = asyncio.Lock()  # one reconcile (decide + execute) at a time
         self._kick = asyncio.Event()
         self._ready = asyncio.Event()
@@ -90,6 +100,9 @@ class PlacementController:
         self.demand.observe(model, time.time())
         if self.routes.get(model):
             return self.route_table()
+        why = self.elastic.why_unplaceable(spec, list(self.devices.values()))
+        if why is not None:
+            raise NoCapacityError(why, retry_after_s=30.0)
         waiting = self.waiters.setdefault(model, [])
         if len(waiting) >= self.cfg.cold_queue_max:
             raise ColdStartQueueFullError(
@@ -183,7 +196,8 @@ class PlacementController:
             "models": [self.model_status(m) for m in sorted(self.specs)],
             "problems": dict(sorted(self.problems.items())),
             "recent_actions": list(self.log)[-20:],
-            "capacity_requests": self.actuator.capacity_requests,
+            "capacity_requests": self.elastic.wants(),
+            "capacity": self.elastic.status(),
         }
 
     def model_status(self, model: str) -> dict:
@@ -241,11 +255,16 @@ class PlacementController:
                 self._kick.set()
 
     async def _discover(self) -> None:
-        """(Re)read the fleet's devices; get or create a worker for every one."""
-        for dev in self.fleet.discover(self.catalog):
+        """(Re)read the fleet's devices; get or create a worker for every one
+        not released; forget devices whose node is gone."""
+        found = {d.id: d for d in self.fleet.discover(self.catalog)}
+        for gone in [d for d in self.devices if d not in found and d not in self.workers]:
+            del self.devices[gone]
+        for dev in found.values():
             if dev.id not in self.workers:
                 self.devices[dev.id] = dev
-                self.workers[dev.id] = self.fleet.worker(dev)
+                if dev.id not in self.elastic.released:
+                    self.workers[dev.id] = self.fleet.worker(dev)
 
     async def _poll(self) -> list[str]:
         """Refresh every worker's stats; forget dead workers. Returns those lost.
@@ -326,7 +345,11 @@ class PlacementController:
             now = time.time()
             view = build_view(self.devices, self.stats, self.specs,
                               {m: self._demand(m, now) for m in self.specs})
-            actions = self.policy.decide(view, now)
+            spare = [self.devices[d] for d in sorted(self.elastic.released)
+                     if d in self.devices and d not in self.workers]
+            actions = self.elastic.decide(view, spare, now)
+            for model, why in self.elastic.state.unmet.items():
+                self.problems[model] = f"no capacity can be requested for it: {why}"
             done = await self._execute(actions)
             return [{k: v for k, v in d.items() if k != "exception"} for d in done]
 
@@ -364,6 +387,7 @@ class PlacementController:
         if isinstance(res, BaseException):
             res = root_cause(res)
             rec["error"] = f"{type(res).__name__}: {res}"
+            self.elastic.failed(a)
             model = getattr(a, "model", None) or getattr(a, "for_model", None)
             if model:
                 self.problems[model] = rec["error"]
@@ -374,6 +398,17 @@ class PlacementController:
             self.counts.count(a, res)
         self.log.append(rec)
         return {**rec, "exception": res} if "error" in rec else rec
+
+    async def _rediscover(self) -> None:
+        """A device came back into service: give it a worker, plan again."""
+        await self._discover()
+        self._kick.set()
+
+    def _drop_worker(self, device: str):
+        """Forget a released device's worker (the caller stops it); returns it."""
+        self.stats.pop(device, None)
+        self._silent.pop(device, None)
+        return self.workers.pop(device)
 
     def _fail_waiters(self, model: str, err: Exception) -> None:
         for fut in self.waiters.get(model, []):

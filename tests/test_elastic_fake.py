@@ -1,0 +1,168 @@
+"""Elastic capacity through the real controller, actuator and router, with
+FAKE in-memory workers and a FAKE autoscaler (``FakeFleet.autoscale``,
+driven by the test): the standing request that reaches "Ray", a node that
+joins and serves, scale-down with a stream in flight, a released device
+taken back, and a model that can never run failing at once. No Ray, no
+vLLM; the same story on Ray's fake multi-node autoscaler is
+``tests/test_elastic_ray.py``."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster.control.controller import PlacementController
+from cluster.control.router import Router
+from cluster.engine.device import DeviceSpec
+from cluster.errors import NoCapacityError
+from cluster.testing.fake_fleet import FakeFleet, LocalHandle, fake_token
+
+MiB = 2**20
+FOOTPRINT = 100 * MiB
+PROMPT = "hello"
+GREEDY = {"max_tokens": 12}
+LABEL = "shoal.io/accelerator-type"
+
+
+def catalog(**capacity) -> dict:
+    def model(name, **kw):
+        return {"name": name, "path": f"/fake/{name}", "family": "llama",
+                "weights_bytes": 60 * MiB, "kv_cache_bytes": 40 * MiB, **kw}
+    return {
+        "models": [model("any", max_replicas=2), model("only-x", allowed_accelerators=["X"]),
+                   model("only-ascend", allowed_vendors=["huawei"])],
+        "discovery": {"accelerators": {
+            "X": {"memory_bytes": 2 * FOOTPRINT, "speed": 1.0, "cost_per_hour": 3.0}}},
+        "capacity": {"accelerators": {"X": {"max_devices": 2}}, "shrink_delay_s": 0,
+                     "release_idle_s": 0, "min_node_lifetime_s": 0, **capacity},
+        # One replica serves 100 req/s: a second one is always surplus.
+        "controller": {"tick_s": 0, "health_check_s": 3600, "load_timeout_s": 5,
+                       "policy_config": {"idle_unload_s": 3600, "replica_rps": 100.0}},
+    }
+
+
+def x_device(kind: str, i: int) -> DeviceSpec:
+    """What a new node of the X node type brings: one X device (as fast as
+    the base device and dearer, so it is the replica a lull drops)."""
+    return DeviceSpec(f"{kind.lower()}{i}", "cpu", 2 * FOOTPRINT, vendor="nvidia",
+                      accelerator_type=kind, speed=1.0, cost_per_hour=3.0)
+
+
+BASE = DeviceSpec("base", "cpu", 2 * FOOTPRINT, cost_per_hour=1.0)  # not addable
+X_BUNDLE = {"GPU": 1, "accelerator_type:X": 0.001}
+
+
+def run(scenario, cat=None, devices=(BASE,)):
+    async def main():
+        fleet = FakeFleet(list(devices))
+        c = PlacementController(cat or catalog(), fleet)
+        try:
+            await c.status()
+            return await scenario(c, fleet, Router(LocalHandle(c)))
+        finally:
+            await c.shutdown_cluster()
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def expected(model: str) -> list[int]:
+    return [fake_token(model, PROMPT, i) for i in range(GREEDY["max_tokens"])]
+
+
+async def collect(stream) -> list[int]:
+    return [t async for c in stream for t in c["token_ids"]]
+
+
+async def until(pred, timeout_s: float = 5.0):
+    for _ in range(int(timeout_s / 0.005)):
+        if pred():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition not met")
+
+
+def kinds_of(actions: list[dict]) -> list[str]:
+    return [a["action"].split("(")[0] for a in actions]
+
+
+def test_a_model_allowed_only_on_an_absent_type_gets_a_node_and_is_served_there():
+    async def scenario(c, fleet, router):
+        served = asyncio.ensure_future(collect(router.stream("only-x", PROMPT, sampling=GREEDY)))
+        await until(lambda: fleet.requests and fleet.requests[-1][0])
+        # One device of type X, named by resource and by label (autoscaler v2).
+        assert fleet.requests[-1] == ([X_BUNDLE], [{LABEL: "X"}])
+        assert not served.done()  # waiting for the node, not failed
+        assert c.model_status("only-x")["queue"] == 1
+        added, _ = fleet.autoscale(x_device)
+        assert added == ["x0"]
+        await c.tick()  # the controller discovers the node and loads the model there
+        assert await served == expected("only-x")
+        assert c.model_status("only-x")["devices"] == {"x0": "active"}
+        # In service 1 + new 0 is what was asked: the request stands, no second node.
+        sent = len(fleet.requests)
+        await c.tick()
+        assert len(fleet.requests) == sent and fleet.autoscale(x_device) == ([], [])
+        assert (await c.status())["capacity"]["standing"] == {"X": 1}
+    run(scenario)
+
+
+def test_a_model_no_device_may_run_and_none_can_be_added_fails_at_once_naming_why():
+    async def scenario(c, fleet, router):
+        with pytest.raises(NoCapacityError) as e:
+            await asyncio.wait_for(collect(router.stream("only-ascend", PROMPT)), 1.0)
+        assert e.value.status == 503 and e.value.retry_after_s > 0
+        assert "allows vendors ['huawei']" in str(e.value) and "addable: ['X']" in str(e.value)
+    run(scenario)
+
+
+def test_idle_pool_scales_in_a_stream_moves_and_the_node_goes():
+    """A surplus replica on the added node is scaled in while a stream runs
+    on it: the stream moves to the base copy and completes with no token
+    lost or repeated; the empty device is released, the request withdrawn,
+    and the fake autoscaler removes the node."""
+    async def scenario(c, fleet, router):
+        await c.load("any", "x0")
+        stream = router.stream("any", PROMPT, sampling=GREEDY)
+        head = [await stream.__anext__() for _ in range(2)]
+        assert fleet.fake("x0").inflight  # in flight on the added node
+        await c.load("any", "base")
+        actions = await c.tick()
+        assert kinds_of(actions) == ["ScaleIn", "ReleaseDevice", "SetCapacity"], actions
+        rest = await collect(stream)
+        assert [t for ch in head for t in ch["token_ids"]] + rest == expected("any")
+        assert router.hops == 1
+        assert "x0" in c.elastic.released and "x0" not in c.workers
+        assert fleet.requests[-1] == ([], [])
+        assert fleet.autoscale(x_device, node_types=("X",)) == ([], ["x0"])
+        await c.tick()
+        assert "x0" not in c.devices and c.elastic.released == frozenset()
+        assert c.model_status("any")["devices"] == {"base": "active"}
+    run(scenario, devices=(BASE, x_device("X", 0)))
+
+
+def test_a_released_device_still_up_is_taken_back_when_wanted_again():
+    async def scenario(c, fleet, router):
+        await c.tick()  # x0 is empty: released (every timer is 0 here)
+        assert "x0" in c.elastic.released and fleet.handles["x0"].dead
+        ids = await collect(router.stream("only-x", PROMPT, sampling=GREEDY))
+        assert ids == expected("only-x")
+        assert c.model_status("only-x")["devices"] == {"x0": "active"}
+        assert any(r["action"].startswith("ReclaimDevice(") for r in c.log)
+        assert fleet.requests[-1] == ([X_BUNDLE], [{LABEL: "X"}])  # no second node asked for
+    run(scenario, devices=(BASE, x_device("X", 0)))
+
+
+def test_a_request_that_fails_to_send_is_sent_again_next_round():
+    async def scenario(c, fleet, router):
+        fleet.fail_requests = True
+        await c.tick()
+        assert any("ConnectionError" in r.get("error", "") for r in c.log)
+        assert c.elastic.state.standing is None  # not sent: next round sends it
+        fleet.fail_requests = False
+        await c.tick()
+        assert fleet.requests == [([X_BUNDLE], [{LABEL: "X"}])]  # x0 in service counts
+    run(scenario, catalog(release_idle_s=3600), devices=(BASE, x_device("X", 0)))
