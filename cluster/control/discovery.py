@@ -51,6 +51,13 @@ def node_matches(node: dict, selector: str) -> bool:
         or selector in node.get("Resources", {})
 
 
+def _short(node_id: str) -> str:
+    """A node's short name in device ids: the end of its id, not the start.
+    Ray's ids are random throughout, but the fake multi-node provider's all
+    begin with the same 51 "f"s and differ only at the end."""
+    return node_id[-8:]
+
+
 def _head(nodes: list[dict]) -> dict:
     for n in nodes:
         if "node:__internal_head__" in n.get("Resources", {}):
@@ -72,7 +79,7 @@ def discover_devices(nodes: list[dict], catalog: Catalog) -> list[DeviceSpec]:
             for i in range(int(res.get(resource, 0))):
                 vendor, kind = vendor_of(resource, accel)
                 devices.append(DeviceSpec(
-                    id=f"{node['NodeID'][:8]}/{resource.lower()}{i}",
+                    id=f"{_short(node['NodeID'])}/{resource.lower()}{i}",
                     kind="cpu" if disc.emulate_accelerators_on_cpu else kind,
                     memory_bytes=prof.memory_bytes if prof else disc.default_accelerator_memory_bytes,
                     vendor=vendor, accelerator_type=accel, node_id=node["NodeID"],
