@@ -174,6 +174,9 @@ class ControllerConfig(_Strict):
     # Cold start: requests for a model that is not active wait here.
     cold_queue_max: int = Field(64, ge=1, description="waiting requests per model")
     load_timeout_s: float = Field(180.0, gt=0)
+    # How fast a model's measured arrival rate forgets (policies/demand.py):
+    # shorter follows bursts and lulls sooner, and scales in sooner.
+    demand_half_life_s: float = Field(60.0, gt=0)
 
 
 class Catalog(_Strict):

@@ -105,12 +105,14 @@ class RequestCapacity(Action):
 
 @dataclass(frozen=True)
 class SetCapacity(Action):
-    """Replace the standing capacity request: the cluster should have this
-    many devices of each addable kind (``(kind, count)`` pairs, sorted).
-    Counts are totals, devices already there included, as Ray's
-    ``request_resources`` reads them; an empty tuple withdraws the request."""
+    """Replace the standing capacity request: the devices the cluster should
+    have, as ``(kind, node, count)``, sorted. A device in service is pinned
+    to its node, so the autoscaler keeps that node and no other; ``node``
+    None counts devices of the kind on any node (new ones). The counts are
+    totals, devices already there included, as Ray's ``request_resources``
+    reads them; an empty tuple withdraws the request."""
 
-    devices: tuple[tuple[str, int], ...]
+    devices: tuple[tuple[str, str | None, int], ...]
 
 
 @dataclass(frozen=True)

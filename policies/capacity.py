@@ -23,7 +23,9 @@ asked for: it is there already.
 
 Growth takes effect at once (requests wait on it). A kind's count shrinks
 only after the smaller number has held for ``shrink_delay_s`` (hysteresis:
-a want that flickers does not make nodes come and go).
+a want that flickers does not make nodes come and go). The request then
+pins each device in service to its node (``compose``), and asks for the
+rest of the kind's count on any node.
 
 Pure: no Ray, no clock; kinds and devices are plain data.
 """
@@ -165,6 +167,23 @@ def settle(target: Mapping[str, int], standing: Mapping[str, int],
         if want > 0:
             counts[kind] = want
     return counts, since
+
+
+def compose(totals: Mapping[str, int],
+            pinned: Mapping[tuple[str, str], int]) -> tuple[tuple[str, str | None, int], ...]:
+    """The request from per-kind totals: the devices in service pinned to
+    their nodes (``pinned``: (kind, node) -> devices), the rest of each
+    kind's total on any node. Pinning is what lets the autoscaler remove
+    exactly the node whose devices were released: a count alone would be
+    satisfied by any node of the kind, the idle one included."""
+    out: list[tuple[str, str | None, int]] = []
+    for kind in sorted(totals):
+        on_nodes = sorted((node, n) for (k, node), n in pinned.items() if k == kind and n > 0)
+        out += [(kind, node, n) for node, n in on_nodes]
+        rest = totals[kind] - sum(n for _, n in on_nodes)
+        if rest > 0:
+            out.append((kind, None, rest))
+    return tuple(sorted(out, key=lambda e: (e[0], e[1] or "")))
 
 
 def why_unplaceable(m: ModelView, devices: Iterable[DeviceView],

@@ -40,7 +40,7 @@ from types import MappingProxyType
 from policies.actions import (Action, Migrate, ReclaimDevice, ReleaseDevice, RequestCapacity,
                               ScaleIn, SetCapacity, Unload)
 from policies.base import Policy
-from policies.capacity import NodeKind, pack, settle
+from policies.capacity import NodeKind, compose, pack, settle
 from policies.choose import is_empty
 from policies.plan import InvalidAction, Planner, apply_all, is_valid
 from policies.view import ClusterView, DeviceView
@@ -77,10 +77,12 @@ class ElasticState:
     """What the elastic layer remembers between rounds (the controller or
     the simulator stores it and hands it back)."""
 
-    # The request last sent, as sorted (kind, count); None = never sent, so
-    # the next round sends one whatever it is.
-    standing: tuple[tuple[str, int], ...] | None = None
+    # Devices per kind the request counts (hysteresis works on these).
+    standing: tuple[tuple[str, int], ...] = ()
     lower_since: Mapping[str, float] = field(default_factory=dict)  # kind -> shrink wanted since
+    # The request last sent (SetCapacity.devices); None = not sent (never,
+    # or it failed), so the next round sends one whatever it is.
+    request: tuple[tuple[str, str | None, int], ...] | None = None
     first_seen: Mapping[str, float] = field(default_factory=dict)  # device -> in service since
     empty_since: Mapping[str, float] = field(default_factory=dict)  # device -> empty since
     released: frozenset[str] = frozenset()  # given back; no worker while their node is up
@@ -124,23 +126,24 @@ class ElasticPolicy:
         empty_since = self._release(plan, state, now, first_seen, addable)
         released = ({d.id for d in view.spare} & state.released) | {
             a.device for a in plan.actions if isinstance(a, ReleaseDevice)}
-        kept = Counter(d.accelerator_type for d in plan.view.devices
-                       if d.accelerator_type in addable)
+        serving = [d for d in plan.view.devices if d.accelerator_type in addable]
+        kept = Counter(d.accelerator_type for d in serving)
         spare = [d for d in view.spare if d.id in released]
         packing = pack(wants, self.kinds, spare, kept + Counter(d.accelerator_type for d in spare))
         by_id = {d.id: d for d in spare}
         for dev in packing.reclaim:
             plan.do(ReclaimDevice(dev, reason=f"wanted again: {by_id[dev].accelerator_type} "
                                               f"node still up"))
-        target = kept + Counter(by_id[d].accelerator_type for d in packing.reclaim) \
-            + Counter(packing.new)
-        counts, lower_since = settle(target, dict(state.standing or ()), state.lower_since, now,
+            serving.append(by_id[dev])
+        target = Counter(d.accelerator_type for d in serving) + Counter(packing.new)
+        counts, lower_since = settle(target, dict(state.standing), state.lower_since, now,
                                      cfg.shrink_delay_s)
-        standing = tuple(sorted(counts.items()))
-        if standing != state.standing:
-            plan.do(SetCapacity(standing, reason=_why(kept, packing.new, wants)))
+        request = compose(counts, Counter((d.accelerator_type, d.node) for d in serving if d.node))
+        if request != state.request:
+            plan.do(SetCapacity(request, reason=_why(kept, packing.new, wants)))
         return plan.actions, ElasticState(
-            standing=standing, lower_since=lower_since, first_seen=first_seen,
+            standing=tuple(sorted(counts.items())), lower_since=lower_since, request=request,
+            first_seen=first_seen,
             empty_since=empty_since, released=frozenset(released - set(packing.reclaim)),
             wants=wants, unmet=packing.unmet)
 

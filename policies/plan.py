@@ -241,10 +241,10 @@ def _request_capacity(view: ClusterView, a: RequestCapacity) -> ClusterView:
 
 
 def _set_capacity(view: ClusterView, a: SetCapacity) -> ClusterView:
-    kinds = [k for k, _ in a.devices]
-    if kinds != sorted(set(kinds)):
-        raise _fail(a, "kinds must be sorted and unique")
-    if any(n <= 0 for _, n in a.devices):
+    keys = [(k, node or "") for k, node, _ in a.devices]
+    if keys != sorted(set(keys)):
+        raise _fail(a, "(kind, node) entries must be sorted and unique")
+    if any(n <= 0 for _, _, n in a.devices):
         raise _fail(a, "counts must be positive (leave a kind out to ask for none)")
     return view  # the request only; devices join the view when their nodes do
 

@@ -46,11 +46,13 @@ def x_device(kind: str, i: int) -> DeviceSpec:
     """What a new node of the X node type brings: one X device (as fast as
     the base device and dearer, so it is the replica a lull drops)."""
     return DeviceSpec(f"{kind.lower()}{i}", "cpu", 2 * FOOTPRINT, vendor="nvidia",
-                      accelerator_type=kind, speed=1.0, cost_per_hour=3.0)
+                      accelerator_type=kind, node_id=f"node-{kind}{i}", speed=1.0,
+                      cost_per_hour=3.0)
 
 
 BASE = DeviceSpec("base", "cpu", 2 * FOOTPRINT, cost_per_hour=1.0)  # not addable
 X_BUNDLE = {"GPU": 1, "accelerator_type:X": 0.001}
+ON_X0 = {LABEL: "X", "ray.io/node-id": "node-X0"}  # pinned: the node in service
 
 
 def run(scenario, cat=None, devices=(BASE,)):
@@ -102,7 +104,9 @@ def test_a_model_allowed_only_on_an_absent_type_gets_a_node_and_is_served_there(
         await c.tick()  # the controller discovers the node and loads the model there
         assert await served == expected("only-x")
         assert c.model_status("only-x")["devices"] == {"x0": "active"}
-        # In service 1 + new 0 is what was asked: the request stands, no second node.
+        # In service 1 + new 0 is what was asked: now pinned to the node that
+        # came, and no second node.
+        assert fleet.requests[-1] == ([X_BUNDLE], [ON_X0])
         sent = len(fleet.requests)
         await c.tick()
         assert len(fleet.requests) == sent and fleet.autoscale(x_device) == ([], [])
@@ -152,7 +156,7 @@ def test_a_released_device_still_up_is_taken_back_when_wanted_again():
         assert ids == expected("only-x")
         assert c.model_status("only-x")["devices"] == {"x0": "active"}
         assert any(r["action"].startswith("ReclaimDevice(") for r in c.log)
-        assert fleet.requests[-1] == ([X_BUNDLE], [{LABEL: "X"}])  # no second node asked for
+        assert fleet.requests[-1] == ([X_BUNDLE], [ON_X0])  # no second node asked for
     run(scenario, devices=(BASE, x_device("X", 0)))
 
 
@@ -161,8 +165,8 @@ def test_a_request_that_fails_to_send_is_sent_again_next_round():
         fleet.fail_requests = True
         await c.tick()
         assert any("ConnectionError" in r.get("error", "") for r in c.log)
-        assert c.elastic.state.standing is None  # not sent: next round sends it
+        assert c.elastic.state.request is None  # not sent: next round sends it
         fleet.fail_requests = False
         await c.tick()
-        assert fleet.requests == [([X_BUNDLE], [{LABEL: "X"}])]  # x0 in service counts
+        assert fleet.requests == [([X_BUNDLE], [ON_X0])]  # x0 in service counts
     run(scenario, catalog(release_idle_s=3600), devices=(BASE, x_device("X", 0)))

@@ -126,15 +126,18 @@ def test_a_model_allowed_only_on_an_absent_kind_asks_for_one_counting_what_is_th
                         mdl("x", allowed_accelerators=("H100",))),
                        {"busy": Demand(1.0, inflight=1), "x": Demand(queue=1)})
     actions, st = decide(view, ElasticState(), T0)
-    # Totals, as Ray reads them: the H100 in service plus one new one.
-    assert standing(actions) == (("H100", 2),)
+    # Totals, as Ray reads them: the H100 in service (pinned to its node)
+    # plus one new one on any node.
+    assert standing(actions) == (("H100", None, 1), ("H100", "node-h1", 1))
     assert [w.for_model for w in st.wants] == ["x"] and st.unmet == {}
     # While the node boots the want stays and so does the request: nothing re-sent.
     assert standing(decide(view, st, T0 + 5)[0]) is None
-    # The node joins: the model loads there; kept 2 + new 0 is the same request.
+    # The node joins: the model loads there; kept 2 + new 0 is the same
+    # total, now pinned to the two nodes: nothing more to add.
     joined = replace(view, devices=view.devices + (dev("h2", "H100"),))
     actions, st = decide(joined, st, T0 + 10)
-    assert Load("x", "h2") in actions and standing(actions) is None
+    assert Load("x", "h2") in actions
+    assert standing(actions) == (("H100", "node-h1", 1), ("H100", "node-h2", 1))
 
 
 def test_an_unmet_want_is_reported_not_requested():
@@ -148,7 +151,8 @@ def test_an_unmet_want_is_reported_not_requested():
 def test_an_idle_device_is_given_back_after_release_idle_s_and_min_lifetime():
     view = ClusterView((dev("base", acc=None, vendor="cpu"), dev("l1", "L4")),
                        (mdl("p", ("l1", PARKED)),))
-    st = ElasticState(standing=(("L4", 1),), first_seen={"l1": T0 - 1000, "base": T0 - 1000})
+    st = ElasticState(standing=(("L4", 1),), request=(("L4", "node-l1", 1),),
+                      first_seen={"l1": T0 - 1000, "base": T0 - 1000})
     actions, st = decide(view, st, T0)
     assert not any(isinstance(a, ReleaseDevice) for a in actions)  # empty since now
     assert st.empty_since == {"l1": T0}
@@ -156,7 +160,8 @@ def test_an_idle_device_is_given_back_after_release_idle_s_and_min_lifetime():
     # Its parked copy goes first; the CPU device (not addable) is never released.
     assert actions[:2] == [Unload("p", "l1"), ReleaseDevice("l1")]
     assert st.released == {"l1"}
-    assert standing(actions) is None  # the request shrinks only after shrink_delay_s
+    # Unpinned at once, but the count shrinks only after shrink_delay_s.
+    assert standing(actions) == (("L4", None, 1),)
     gone = ClusterView((view.devices[0],), (mdl("p"),))
     spare = (view.devices[1],)  # released, node still up
     assert standing(decide(gone, st, T0 + 80, spare)[0]) is None
@@ -193,9 +198,9 @@ def test_a_replica_on_a_young_node_is_not_scaled_in_until_its_lifetime_passes():
 def test_a_released_device_is_taken_back_when_wanted_again():
     spare = (dev("l1", "L4"),)
     view = ClusterView((), (mdl("x"),), {"x": Demand(queue=1)})
-    st = ElasticState(standing=(), released=frozenset({"l1"}))
+    st = ElasticState(request=(), released=frozenset({"l1"}))
     actions, st = decide(view, st, T0, spare)
-    assert ReclaimDevice("l1") in actions and standing(actions) == (("L4", 1),)
+    assert ReclaimDevice("l1") in actions and standing(actions) == (("L4", "node-l1", 1),)
     assert st.released == frozenset()
 
 
@@ -232,3 +237,7 @@ def test_the_request_never_counts_fewer_devices_than_are_in_service(devs, queued
     assert all(asked.get(k, 0) >= n for k, n in in_service.items()), (asked, in_service)
     assert all(n <= next(x for x in KINDS if x.name == k).max_devices or n == in_service.get(k)
                for k, n in asked.items())
+    # ... and every device in service is pinned to its node in the request.
+    pinned = {(k, node): n for k, node, n in nxt.request if node is not None}
+    assert pinned == {(d.accelerator_type, d.node): 1 for d in after.devices
+                      if d.accelerator_type in {k.name for k in KINDS}}

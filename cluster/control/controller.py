@@ -64,7 +64,7 @@ class PlacementController:
         self.policy = make_policy(self.cfg.policy, **self.cfg.policy_config)
         self.elastic = Elastic(self.catalog, self.policy, self.fleet, self._worker,
                                self._drop_worker, self._rediscover)
-        self.demand = DemandEstimator()
+        self.demand = DemandEstimator(self.cfg.demand_half_life_s)
         self.devices: dict[str, DeviceSpec] = {}
         self.workers: dict[str, Any] = {}  # device id -> worker actor handle
         self.stats: dict[str, WorkerStats] = {}  # device id -> last worker stats()
@@ -371,19 +371,23 @@ class PlacementController:
 
         async def run_chain(chain: list[int]) -> None:
             for i in chain:  # in the policy's order: a park-load before its swap
+                t0 = time.monotonic()
                 try:
                     res = await self.actuator.run(actions[i])
                 except Exception as e:
                     res = e
-                done[i] = self._record(actions[i], res)  # logged as each one ends
+                done[i] = self._record(actions[i], res, time.monotonic() - t0)  # as each ends
 
         await asyncio.gather(*(run_chain(c) for c in chains(actions)))
         self._unrouted.clear()
         await self._poll()
         return [done[i] for i in range(len(actions))]
 
-    def _record(self, a, res) -> dict:
-        rec = {"at": time.time(), "action": repr(a), "reason": a.reason}
+    def _record(self, a, res, duration_s: float = 0.0) -> dict:
+        rec = {"at": time.time(), "action": repr(a), "reason": a.reason,
+               "duration_s": round(duration_s, 3)}
+        if isinstance(res, dict) and "moved_requests" in res:  # streams carried by a move
+            rec["moved_requests"] = res["moved_requests"]
         if isinstance(res, BaseException):
             res = root_cause(res)
             rec["error"] = f"{type(res).__name__}: {res}"

@@ -6,13 +6,17 @@ this class keeps its state between rounds, turns its ``SetCapacity`` into
 Ray bundles and sends them through the fleet, and answers "can this model
 ever run here?" at request time.
 
-A ``SetCapacity`` of ``{"H100": 2}`` becomes, per device,
+Each device a ``SetCapacity`` counts becomes one bundle,
 ``{"GPU": 1, "accelerator_type:H100": 0.001}`` (the fraction, as Ray's own
 ``accelerator_type`` scheduling does, so that several devices fit on one
-multi-GPU node) with the label selector ``{label_key: "H100"}`` for
-autoscaler v2, which picks node types by their labels (v1 ignores it and
-matches the resource). ``request_resources`` replaces the previous
-request, so each call sends the whole standing request.
+multi-GPU node), with the label selector ``{label_key: "H100"}`` for
+autoscaler v2, which picks node types by their labels, plus
+``{"ray.io/node-id": <node>}`` for a device in service: the autoscaler then
+keeps exactly the nodes Shoal uses, and removes the one whose devices were
+released (a bare count would be met by any node of the type, the idle one
+included). Autoscaler v1 ignores selectors and matches the resources.
+``request_resources`` replaces the previous request, so each call sends the
+whole standing request.
 
 Fault tolerance: a request that fails to send is marked unsent, so the
 next round sends it again; a release that fails leaves the device in
@@ -45,6 +49,7 @@ log = logging.getLogger(__name__)
 # Share of the accelerator_type resource one device's bundle asks for: any
 # positive amount selects the type, and a node declares 1 of it in all.
 ACCEL_SHARE = 0.001
+NODE_ID_LABEL = "ray.io/node-id"  # set by Ray on every node
 
 
 def node_kinds(catalog: Catalog) -> tuple[NodeKind, ...]:
@@ -95,10 +100,13 @@ class Elastic:
     def bundles(self, a: SetCapacity) -> tuple[list[dict], list[dict]]:
         """Ray bundles and their label selectors, one per device."""
         bundles, selectors = [], []
-        for kind, count in a.devices:
+        for kind, node, count in a.devices:
+            selector = {self.label_key: kind} if self.label_key else {}
+            if node is not None and self.label_key:
+                selector[NODE_ID_LABEL] = node
             for _ in range(count):
                 bundles.append({device_resource(kind): 1, f"accelerator_type:{kind}": ACCEL_SHARE})
-                selectors.append({self.label_key: kind} if self.label_key else {})
+                selectors.append(dict(selector))
         return bundles, selectors
 
     def set_capacity(self, a: SetCapacity) -> dict:
@@ -106,7 +114,7 @@ class Elastic:
         if self.enabled:
             self.fleet.request_capacity(bundles, selectors)
         self.sent = {"bundles": bundles, "label_selectors": selectors}
-        return {"devices": dict(a.devices), "sent": self.enabled}
+        return {"devices": [list(d) for d in a.devices], "sent": self.enabled}
 
     async def release_device(self, device: str) -> dict:
         """Stop an empty device's worker (``ReleaseDevice``): its accelerator
@@ -132,7 +140,7 @@ class Elastic:
     def failed(self, a) -> None:
         """An elastic action failed: undo what the state assumed."""
         if isinstance(a, SetCapacity):
-            self.state = replace(self.state, standing=None)  # resend next round
+            self.state = replace(self.state, request=None)  # resend next round
         elif isinstance(a, ReleaseDevice):
             self.state = replace(self.state, released=self.state.released - {a.device})
 
@@ -148,7 +156,7 @@ class Elastic:
         s = self.state
         return {
             "enabled": self.enabled, "addable": [k.name for k in self.kinds],
-            "standing": dict(s.standing or ()), **self.sent, "wants": self.wants(),
+            "standing": dict(s.standing), **self.sent, "wants": self.wants(),
             "unmet": dict(s.unmet), "released": sorted(s.released),
             "first_seen": dict(s.first_seen), "empty_since": dict(s.empty_since)}
 
