@@ -55,9 +55,9 @@ X_BUNDLE = {"GPU": 1, "accelerator_type:X": 0.001}
 ON_X0 = {LABEL: "X", "ray.io/node-id": "node-X0"}  # pinned: the node in service
 
 
-def run(scenario, cat=None, devices=(BASE,)):
+def run(scenario, cat=None, devices=(BASE,), load_s=0.0):
     async def main():
-        fleet = FakeFleet(list(devices))
+        fleet = FakeFleet(list(devices), load_s=load_s)
         c = PlacementController(cat or catalog(), fleet)
         try:
             await c.status()
@@ -170,3 +170,19 @@ def test_a_request_that_fails_to_send_is_sent_again_next_round():
         await c.tick()
         assert fleet.requests == [([X_BUNDLE], [ON_X0])]  # x0 in service counts
     run(scenario, catalog(release_idle_s=3600), devices=(BASE, x_device("X", 0)))
+
+
+def test_a_cold_start_longer_than_the_idle_timeout_is_not_unloaded_when_ready():
+    """A new node and an engine can take longer than idle_unload_s: the
+    model must not count as idle from its requests' arrival, or the round
+    after it is ready unloads it before they run."""
+    cat = catalog()
+    cat["controller"]["policy_config"]["idle_unload_s"] = 0.2
+
+    async def scenario(c, fleet, router):
+        await c.resolve("any")  # waits out the 0.5 s load; routes now include it
+        actions = await c.tick()
+        assert not any(a["action"].startswith("Unload(") for a in actions), actions
+        assert c.model_status("any")["state"] == "active"
+        assert await collect(router.stream("any", PROMPT, sampling=GREEDY)) == expected("any")
+    run(scenario, cat, load_s=0.5)

@@ -3,8 +3,8 @@ device the pool must first get from Ray's autoscaler.
 
 One run on Ray's real autoscaler (v2) with the fake multi-node provider
 (``ray_configs/autoscale-fake.yaml``, ``cluster/testing/fake_autoscaler.py``):
-the pool starts as the head's CPU device; the one model may run only on an
-H100, and the autoscaler can add H100 nodes (logical GPUs; the engine runs
+the pool starts empty; the one model may run only on an H100, and the
+autoscaler can add H100 nodes (logical GPUs; the engine runs
 vLLM on CPU). Measured in that one run:
 
 - ``first_token_s``: the first request (a streaming completion) -> its first token;
@@ -35,22 +35,20 @@ KV_BYTES = 64 * MiB
 GOAL_SLACK_S = 5.0
 
 
-def elastic_catalog(models: dict[str, dict], h100_bytes: int, mi300x_bytes: int,
-                    cpu_bytes: int, policy: dict | None = None, capacity: dict | None = None,
-                    controller: dict | None = None) -> dict:
-    """A catalog for the fake autoscaling cluster: ``models`` (name -> entry),
-    the head's CPU device, and the two addable types of autoscale-fake.yaml.
-    The added types are as fast as the CPU device and dearer: a lull scales
-    their replicas in first."""
+def elastic_catalog(models: dict[str, dict], device_bytes: int, policy: dict | None = None,
+                    capacity: dict | None = None, controller: dict | None = None) -> dict:
+    """A catalog for the fake autoscaling cluster: ``models`` (name -> entry)
+    and the two addable types of autoscale-fake.yaml, each device holding
+    ``device_bytes``. No CPU device: the pool starts empty."""
     return {
         "models": [{"name": n, "kv_cache_bytes": KV_BYTES, **m} for n, m in models.items()],
-        "cpu_devices": [{"id": "cpu-head", "memory_bytes": cpu_bytes}],
         "discovery": {"emulate_accelerators_on_cpu": True, "accelerators": {
-            "H100": {"memory_bytes": h100_bytes, "speed": 1.0, "cost_per_hour": 3.0},
-            "AMD-Instinct-MI300X-OAM": {"memory_bytes": mi300x_bytes, "speed": 1.0,
+            "H100": {"memory_bytes": device_bytes, "speed": 1.0, "cost_per_hour": 3.0},
+            "AMD-Instinct-MI300X-OAM": {"memory_bytes": device_bytes, "speed": 1.0,
                                         "cost_per_hour": 4.0}}},
-        "capacity": {"accelerators": {"H100": {"max_devices": 1},
-                                      "AMD-Instinct-MI300X-OAM": {"max_devices": 1}},
+        # As the node types of autoscale-fake.yaml allow.
+        "capacity": {"accelerators": {"H100": {"max_devices": 2},
+                                      "AMD-Instinct-MI300X-OAM": {"max_devices": 2}},
                      **(capacity or {})},
         "controller": {"tick_s": 0.5, "health_check_s": 1.0, "load_timeout_s": 600,
                        "policy_config": policy or {}, **(controller or {})},
@@ -129,15 +127,31 @@ def _first_token(url: str) -> tuple[float, int]:
     return first, chunks
 
 
-def _load_duration(url: str, device_accel: str = "H100") -> float | None:
+def _controller_timeline(url: str, t0_wall: float) -> dict:
+    """From the controller's status, seconds after the request: when the new
+    device's worker first answered (``worker_ready``), when the load began
+    and ended; and how long the load took (``engine_start_s``)."""
     import httpx
 
     status = httpx.get(f"{url}/admin/status", timeout=30).json()
-    devs = {d["id"] for d in status["devices"] if d["accelerator_type"] == device_accel}
+    devs = {d["id"] for d in status["devices"] if d["accelerator_type"] == "H100"}
     loads = [a for a in status["recent_actions"] if a["action"].startswith("Load(")
              and f"model='{MODEL}'" in a["action"]
              and any(f"device='{d}'" in a["action"] for d in devs) and "error" not in a]
-    return loads[-1]["duration_s"] if loads else None
+    seen = [status["capacity"]["first_seen"][d] for d in devs
+            if d in status["capacity"]["first_seen"]]
+    out: dict = {"engine_start_s": loads[-1]["duration_s"] if loads else None,
+                 "worker_lost": sum(a["action"].startswith("WorkerLost") for a in
+                                    status["recent_actions"]),
+                 "failed_actions": [f"{a['action'].split('(')[0]} at "
+                                    f"{a['at'] - t0_wall:.1f} s: {a['error'][:300]}"
+                                    for a in status["recent_actions"] if "error" in a]}
+    if seen:
+        out["worker_ready"] = round(min(seen) - t0_wall, 3)
+    if loads:
+        out["load_began"] = round(loads[-1]["at"] - loads[-1]["duration_s"] - t0_wall, 3)
+        out["load_ended"] = round(loads[-1]["at"] - t0_wall, 3)
+    return out
 
 
 def run_elastic_bench(models_dir: str = ".shoal/models") -> dict:
@@ -153,8 +167,7 @@ def run_elastic_bench(models_dir: str = ".shoal/models") -> dict:
                 "shrink_delay_s": 1.0, "autoscaler_idle_timeout_s": 6.0}
     catalog = elastic_catalog(
         {MODEL: {"path": path, "family": "tiny-llama", "allowed_accelerators": ["H100"]}},
-        2 * footprint, 2 * footprint, 2 * footprint,
-        policy={"idle_unload_s": settings["idle_unload_s"]},
+        2 * footprint, policy={"idle_unload_s": settings["idle_unload_s"]},
         capacity={k: settings[k] for k in ("release_idle_s", "min_node_lifetime_s",
                                            "shrink_delay_s")})
     cluster = FakeAutoscalingCluster(
@@ -164,11 +177,12 @@ def run_elastic_bench(models_dir: str = ".shoal/models") -> dict:
         ray.init(address=cluster.address, namespace="shoal", log_to_driver=False)
         url = deploy(cluster.address, catalog, free_port())
         assert not _h100_nodes(), "an H100 node before any request"
-        t0 = time.monotonic()
+        t0, t0_wall = time.monotonic(), time.time()
         up = _watch(lambda: bool(_h100_nodes()))
         first_token_s, chunks = _first_token(url)
         done = time.monotonic()
-        engine_start_s = _load_duration(url)
+        timeline = _controller_timeline(url, t0_wall)
+        engine_start_s = timeline.pop("engine_start_s")
         gone = _watch(lambda: not _h100_nodes(), every_s=0.2)
         deadline = time.monotonic() + 300
         while "at" not in gone and time.monotonic() < deadline:
@@ -189,6 +203,10 @@ def run_elastic_bench(models_dir: str = ".shoal/models") -> dict:
         "engine_start_s": _round(engine_start_s),
         "overhead_s": _round(first_token_s - node_up_s - engine_start_s) if measured else None,
         "idle_to_removed_s": _round(gone["at"] - done) if "at" in gone else None,
+        # Seconds after the request, from the controller's records: where
+        # the time between the node and the first token went.
+        "timeline_s": {"node_up": _round(node_up_s), **timeline,
+                       "first_token": _round(first_token_s)},
         "settings": settings,
         "goal": f"first_token_s <= node_up_s + engine_start_s + {GOAL_SLACK_S:g}",
         # Never claimed on a missing number.

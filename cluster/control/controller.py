@@ -325,9 +325,16 @@ class PlacementController:
         for model in routes:
             self.displaced.discard(model)
             self.problems.pop(model, None)
-            for fut in self.waiters.get(model, []):
-                if not fut.done():
-                    fut.set_result(True)
+            released = [f for f in self.waiters.get(model, []) if not f.done()]
+            if released:
+                # A use without an arrival: the idle timer starts now, when
+                # they are served, not at their arrival; a cold start longer
+                # than idle_unload_s (a new node, a big model) would
+                # otherwise look idle the moment it is ready, and be unloaded
+                # before the requests that waited for it run.
+                self.demand.observe(model, time.time(), 0)
+            for fut in released:
+                fut.set_result(True)
 
     async def _unroute(self, model: str, device: str) -> None:
         self._unrouted.add((model, device))

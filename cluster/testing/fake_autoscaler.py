@@ -68,7 +68,10 @@ class FakeAutoscalingCluster:
             "RAY_enable_autoscaler_v2": "1", "RAY_AUTH_MODE": "disabled",
             "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
             "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
-            REAP_ENV: "true", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+            REAP_ENV: "true", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            # Every worker process, on every fake node, imports Shoal from here.
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(REPO_CONFIG.parents[1]), os.environ.get("PYTHONPATH")) if p)})
         return env
 
     def start(self) -> "FakeAutoscalingCluster":
