@@ -12,11 +12,10 @@ import asyncio
 
 import pytest
 
-from cluster.control.controller import PlacementController
-from cluster.control.router import Router
 from cluster.engine.device import DeviceSpec
 from cluster.errors import NoCapacityError
-from cluster.testing.fake_fleet import FakeFleet, LocalHandle, fake_token
+from cluster.testing.fake_fleet import FakeFleet, fake_token
+from tests.test_control_fake import run as run_fake
 
 MiB = 2**20
 FOOTPRINT = 100 * MiB
@@ -56,19 +55,7 @@ ON_X0 = {LABEL: "X", "ray.io/node-id": "node-X0"}  # pinned: the node in service
 
 
 def run(scenario, cat=None, devices=(BASE,), load_s=0.0):
-    async def main():
-        fleet = FakeFleet(list(devices), load_s=load_s)
-        c = PlacementController(cat or catalog(), fleet)
-        try:
-            await c.status()
-            return await scenario(c, fleet, Router(LocalHandle(c)))
-        finally:
-            await c.shutdown_cluster()
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(main())
-    finally:
-        loop.close()
+    return run_fake(scenario, cat or catalog(), FakeFleet(list(devices), load_s=load_s))
 
 
 def expected(model: str) -> list[int]:

@@ -77,19 +77,12 @@ def deploy(address: str, catalog: dict, port: int) -> str:
 def undeploy(address: str) -> None:
     """Stop every engine worker, the controller and Serve (``shoal down``)."""
     import ray
-    from ray import serve
 
-    from cluster.control.controller import get_controller
+    from serve_apps.app import shutdown_app
 
     if not ray.is_initialized():
         ray.init(address=address, namespace="shoal", log_to_driver=False)
-    try:
-        c = get_controller()
-        ray.get(c.shutdown_cluster.remote(), timeout=120)
-        ray.kill(c, no_restart=True)
-    except ValueError:
-        pass  # no controller
-    serve.shutdown()
+    shutdown_app()
 
 
 def _h100_nodes() -> list[str]:

@@ -102,25 +102,28 @@ class FakeAutoscalingCluster:
 
     def stop(self) -> None:
         """Kill this cluster's processes and their descendants, then its temp dir."""
-        marks = (self.temp_dir, f":{self.port}")
-        rows = _processes()
-        doomed = {p for p, _, args in rows if any(m in args for m in marks) and p != os.getpid()}
-        grew = True
-        while grew:
-            more = {p for p, pp, _ in rows if pp in doomed} - doomed
-            doomed |= more
-            grew = bool(more)
-        for p in doomed:
-            try:
-                os.kill(p, 9)
-            except ProcessLookupError:
-                pass
+        kill_tree(self.temp_dir, f":{self.port}")
         time.sleep(0.5)
         subprocess.run(["rm", "-rf", self.temp_dir], check=False)
 
 
-def _processes() -> list[tuple[int, int, str]]:
+def kill_tree(*marks: str) -> None:
+    """Kill the processes whose command line names one of ``marks`` (a
+    cluster's temp dir: its GCS, raylets, agents) and all their descendants
+    (workers rename themselves ``ray::...``, and vLLM engine processes hang
+    below them). Never ``ray stop``: that would stop every cluster here."""
     table = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True,
                            text=True).stdout.splitlines()
-    return [(int(p), int(pp), args) for p, pp, args in (r.split(None, 2) for r in table
-                                                         if len(r.split(None, 2)) == 3)]
+    rows = [(int(p), int(pp), args) for p, pp, args in (r.split(None, 2) for r in table
+                                                        if len(r.split(None, 2)) == 3)]
+    doomed = {p for p, _, args in rows if any(m in args for m in marks) and p != os.getpid()}
+    grew = True
+    while grew:
+        more = {p for p, pp, _ in rows if pp in doomed} - doomed
+        doomed |= more
+        grew = bool(more)
+    for p in doomed:
+        try:
+            os.kill(p, 9)
+        except ProcessLookupError:
+            pass
