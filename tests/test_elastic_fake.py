@@ -173,3 +173,27 @@ def test_a_cold_start_longer_than_the_idle_timeout_is_not_unloaded_when_ready():
         assert c.model_status("any")["state"] == "active"
         assert await collect(router.stream("any", PROMPT, sampling=GREEDY)) == expected("any")
     run(scenario, cat, load_s=0.5)
+
+
+def test_a_worker_on_a_new_node_is_not_killed_while_it_starts():
+    """Silence from a worker that has never answered is a start, not a
+    hang: it keeps its grace period; a worker that answered and then went
+    silent is still killed after UNRESPONSIVE_POLLS polls (test_control_fake)."""
+    from cluster.control.controller import UNRESPONSIVE_POLLS
+    from cluster.testing.fake_fleet import FakeWorker, LocalHandle
+
+    async def scenario(c, fleet, router):
+        c.rpc_timeout_s = 0.02
+        slow = FakeWorker(x_device("X", 0), fleet.journal)
+        slow.hung = True  # still starting: no stats() answer yet
+        handle = fleet.handles["x0"] = LocalHandle(slow)
+        fleet.devices["x0"] = x_device("X", 0)
+        await c.tick()
+        for _ in range(UNRESPONSIVE_POLLS + 1):
+            await c.report_failure("x0")
+        assert c.workers["x0"] is handle and not handle.dead
+        assert not any("WorkerLost" in r["action"] for r in c.log)
+        slow.hung = False  # it is up
+        await c.tick()
+        assert c.stats["x0"].device.id == "x0"
+    run(scenario, catalog(release_idle_s=3600))

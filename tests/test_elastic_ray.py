@@ -183,9 +183,9 @@ def test_a_lull_scales_a_replica_in_mid_stream_and_its_node_is_removed(elastic):
     """The burst stops and two long greedy streams start, one on each
     replica. The rate falls under what one replica serves within seconds
     (half-life 2 s): the policy scales one replica in while its stream runs.
-    That stream moves to the other replica and completes with the same text
-    as the other one, which ran uninterrupted; the emptied device is
-    released, the request shrinks, Ray removes the node."""
+    That stream moves to the other replica and completes with the text of
+    an uninterrupted run; the emptied device is released, the request
+    shrinks, Ray removes the node."""
     client = elastic["client"]
     STATE.pop("trickle").stop()
     with ThreadPoolExecutor(2) as pool:
@@ -194,10 +194,9 @@ def test_a_lull_scales_a_replica_in_mid_stream_and_its_node_is_removed(elastic):
     scale_ins = [a for a in st["recent_actions"]
                  if a["action"].startswith("ScaleIn(") and "'only-amd'" in a["action"]]
     assert scale_ins, [a["action"] for a in st["recent_actions"]]
-    # Exactly one stream was in flight on the replica scaled in (so the
-    # other ran where nothing moved): the moved one equals it.
-    assert scale_ins[0].get("moved_requests") == 1, scale_ins
-    assert texts[0] == texts[1] and len(texts[0]) > 0
+    # A stream was in flight on the replica scaled in (the burst's last tiny
+    # requests may have been too).
+    assert scale_ins[0].get("moved_requests", 0) >= 1, scale_ins
     gone = scale_ins[0]["action"].split("device='")[1].split("'")[0]
     wait_until(lambda: gone not in {d["id"] for d in status(elastic)["devices"]},
                timeout_s=120, every_s=1.0)
@@ -207,3 +206,6 @@ def test_a_lull_scales_a_replica_in_mid_stream_and_its_node_is_removed(elastic):
     assert placed(elastic, "only-amd") == {left: "active"}
     released = [a for a in st["recent_actions"] if a["action"].startswith("ReleaseDevice(")]
     assert any(f"'{gone}'" in a["action"] and "error" not in a for a in released)
+    # The same request now, on the one replica left, nothing moving: the
+    # moved stream's text is an uninterrupted run's.
+    assert texts == [stream_text(client)] * 2 and len(texts[0]) > 0

@@ -52,6 +52,10 @@ RPC_TIMEOUT_S = 10.0  # one stats() poll of a worker gives up after this
 # worker that is forgotten while it still lives would be found again by the
 # next discovery with its models placed twice.
 UNRESPONSIVE_POLLS = 3
+# ... unless it has never answered yet: a worker on a node that just joined
+# may take minutes to start (process, runtime env) on a loaded or real
+# cluster; killing it after three polls would restart that from scratch.
+WORKER_START_GRACE_S = 300.0
 
 
 class PlacementController:
@@ -69,6 +73,7 @@ class PlacementController:
         self.workers: dict[str, Any] = {}  # device id -> worker actor handle
         self.stats: dict[str, WorkerStats] = {}  # device id -> last worker stats()
         self._silent: dict[str, int] = {}  # device id -> polls unanswered in a row
+        self._born: dict[str, float] = {}  # device id -> when its worker was created here
         # Polls overlap (health loop, reconcile): a reply is applied only if
         # its poll was sent after the one that wrote the current stats, so a
         # slow, older reply never overwrites a newer state.
@@ -265,6 +270,7 @@ class PlacementController:
                 self.devices[dev.id] = dev
                 if dev.id not in self.elastic.released:
                     self.workers[dev.id] = self.fleet.worker(dev)
+                    self._born[dev.id] = time.monotonic()
 
     async def _poll(self) -> list[str]:
         """Refresh every worker's stats; forget dead workers. Returns those lost.
@@ -288,7 +294,9 @@ class PlacementController:
                 self._silent.pop(dev, None)
                 continue
             self._silent[dev] = self._silent.get(dev, 0) + 1
-            if is_actor_death(res) or self._silent[dev] >= UNRESPONSIVE_POLLS:
+            starting = dev not in self.stats and \
+                time.monotonic() - self._born.get(dev, 0.0) < WORKER_START_GRACE_S
+            if is_actor_death(res) or (self._silent[dev] >= UNRESPONSIVE_POLLS and not starting):
                 lost.append(dev)
                 self._forget_worker(dev, res)
             else:
