@@ -17,14 +17,11 @@ The elastic actions go to the controller's hooks (``ElasticHooks``):
 
 from __future__ import annotations
 
-import logging
 from typing import Awaitable, Callable, Protocol
 
 from cluster.engine.contract import ModelState
 from policies.actions import (Action, Load, Migrate, Park, ReclaimDevice, ReleaseDevice, ScaleIn,
                               ScaleOut, SetCapacity, Swap, Unload, Wake)
-
-log = logging.getLogger(__name__)
 
 
 class ElasticHooks(Protocol):
