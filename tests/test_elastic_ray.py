@@ -69,7 +69,7 @@ def elastic(tiny_models):
                 "idle_unload_s": 3600},
         capacity={"shrink_delay_s": 3, "release_idle_s": 1, "min_node_lifetime_s": 5},
         controller={"demand_half_life_s": 2.0})
-    cluster = FakeAutoscalingCluster(overrides={"idle_timeout_minutes": 0.1}).start()
+    cluster = FakeAutoscalingCluster(overrides={"idle_timeout_minutes": 0.1})
     path = Path(cluster.temp_dir) / "catalog.json"
     path.write_text(json.dumps(catalog))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -78,6 +78,7 @@ def elastic(tiny_models):
     def driver(*args, timeout=300):
         return subprocess.run([sys.executable, "-m", "cluster.bench.elastic", *args], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=timeout)
+    cluster.start()  # cleans up after itself if it fails
     try:
         out = driver("deploy", cluster.address, str(path), str(free_port()))
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

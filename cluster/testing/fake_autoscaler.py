@@ -69,6 +69,10 @@ class FakeAutoscalingCluster:
             "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
             "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
             REAP_ENV: "true", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            # On a loaded machine a raylet's agents can take over a minute to
+            # come up; Ray's defaults then abort the node ("Timed out
+            # waiting for file ...dashboard_agent_listen_port...").
+            "RAY_agent_register_timeout_ms": "300000", "RAY_raylet_start_wait_time_s": "300",
             # Every worker process, on every fake node, imports Shoal from here.
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(REPO_CONFIG.parents[1]), os.environ.get("PYTHONPATH")) if p)})
@@ -87,7 +91,11 @@ class FakeAutoscalingCluster:
                f"--port={self.port}", f"--temp-dir={self.temp_dir}", *ports,
                f"--autoscaling-config={path}", f"--num-cpus={self.num_cpus}",
                "--include-dashboard=false", "--disable-usage-stats"]
-        out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
+        try:
+            out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=400)
+        except BaseException:
+            self.stop()  # whatever it started
+            raise
         if out.returncode != 0:
             self.stop()
             raise RuntimeError(f"ray start failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
