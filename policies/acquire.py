@@ -86,12 +86,12 @@ def acquire(plan: Planner, m: ModelView, heat: Heat, fast: bool, ask: bool = Tru
         if step(plan, m, heat, fast):
             return
     if ask:
-        plan.do(capacity_request(m, "no device can take it and nothing may give way"))
+        plan.do(capacity_request(m, "no device can take it and nothing may give way", fast))
 
 
-def capacity_request(m: ModelView, why: str) -> RequestCapacity:
+def capacity_request(m: ModelView, why: str, fast: bool = False) -> RequestCapacity:
     return RequestCapacity(m.footprint, m.allowed_vendors, m.allowed_accelerators, m.name,
-                           reason=f"{m.name}: {why}")
+                           fast, reason=f"{m.name}: {why}")
 
 
 def _swap_partner(view: ClusterView, m: ModelView, d: DeviceView,

@@ -34,3 +34,20 @@ def build_app(args: dict[str, Any] | None = None):
     catalog = load_app_catalog(args)
     return ShoalIngress.bind(catalog.model_dump(mode="json"), args.get("admin_key"),
                              args.get("rate_limit_rps"), args.get("rate_limits"))
+
+
+def shutdown_app() -> None:
+    """Stop every engine worker, the controller, then Serve (``shoal down``,
+    benchmarks). Needs this process connected to the cluster."""
+    import ray
+    from ray import serve
+
+    from cluster.control.controller import get_controller
+
+    try:
+        c = get_controller()
+        ray.get(c.shutdown_cluster.remote(), timeout=120)
+        ray.kill(c, no_restart=True)
+    except ValueError:
+        pass  # no controller
+    serve.shutdown()

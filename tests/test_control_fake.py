@@ -39,11 +39,13 @@ def expected(model: str, n: int = GREEDY["max_tokens"]) -> list[int]:
     return [fake_token(model, PROMPT, i) for i in range(n)]
 
 
-def run(scenario):
-    """Run ``scenario(controller, fleet, router)`` on a fresh controller."""
+def run(scenario, cat: dict | None = None, fleet: FakeFleet | None = None):
+    """Run ``scenario(controller, fleet, router)`` on a fresh controller
+    (this module's catalog and devices unless given)."""
+    fleet = fleet or FakeFleet(devices())
+
     async def main():
-        fleet = FakeFleet(devices())
-        c = PlacementController(catalog(), fleet)
+        c = PlacementController(cat or catalog(), fleet)
         try:
             await c.status()  # ready: devices discovered, first poll done
             return await scenario(c, fleet, Router(LocalHandle(c)))

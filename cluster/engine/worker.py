@@ -40,7 +40,7 @@ from typing import Any
 from cluster.catalog import SLO, ModelSpec, TimeshareConfig
 from cluster.engine.checkpoint import read_checkpoint
 from cluster.engine.contract import DeviceStats, ModelStatus, Unloaded, WorkerStats
-from cluster.engine.device import DeviceSpec, sleep_mode_supported
+from cluster.engine.device import DeviceSpec
 from cluster.engine.registry import ACTIVE, PARKED, TIMESHARED, UNLOADING, ModelEntry, ModelRegistry
 from cluster.engine.request_stream import InflightRequest, RequestTracker, run_stream
 from cluster.engine.residency import Residency
@@ -58,8 +58,7 @@ class EngineWorker:
     def __init__(self, device: DeviceSpec):
         self.device = device
         self.models = ModelRegistry(device.id)
-        self.pool = ShellPool(device.memory_bytes, sleep_mode_supported(device.kind),
-                              eager=device.kind == "cpu")
+        self.pool = ShellPool(device.memory_bytes, device.kind, eager=device.kind == "cpu")
         self.cache = HostWeightCache(owner=device.id.replace("/", "_"))
         self.requests = RequestTracker()
         self.residency = Residency(device.id, self.models, self.pool, self.cache,
@@ -250,7 +249,8 @@ class EngineWorker:
                 accelerator_type=self.device.accelerator_type,
                 memory_used_bytes=self.pool.memory.used_bytes,
                 memory_budget_bytes=self.pool.memory.budget_bytes,
-                host_cache_bytes=self.cache.total_bytes, sleep_mode=self.pool.sleep_mode),
+                host_cache_bytes=self.cache.total_bytes, sleep_mode=self.pool.sleep_mode,
+                platform=self.pool.platform.package if self.pool.platform else None),
             shells=self.pool.shell_stats(),
             models={e.name: self._status(e) for e in self.models},
             groups=self.pool.group_stats(),
