@@ -89,7 +89,9 @@ def ray_serve(port: int) -> Iterator[None]:
     import ray
     from ray import serve
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    # address="local": a fresh instance even when another Ray cluster runs on
+    # this machine (ray.init would join it, and refuse num_cpus).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
