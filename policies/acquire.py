@@ -1,8 +1,5 @@
 """How a model with no active copy gets one: a ladder, cheapest step first.
 
-0. join  - an allowed device time-shares an engine of its family: it
-           joins the rotation (no memory, no engine: Aegaeon's token-level
-           time-sharing);
 1. swap  - it is parked where a same-family model sits idle: an in-place
            weight swap (milliseconds, no new engine);
 2. wake  - it is parked on a device with room: the weights are already in
@@ -40,11 +37,10 @@ from __future__ import annotations
 
 from policies.actions import (EVICTION_REASON, Action, Load, Park, RequestCapacity, Swap,
                               Unload, Wake)
-from policies.choose import (hosts_family, in_memory, is_empty, joins_timeshare, leftover,
-                             swappable_on)
+from policies.choose import hosts_family, in_memory, is_empty, leftover, swappable_on
 from policies.classify import Heat, demand_key, eviction_order, has_demand
 from policies.plan import Planner
-from policies.view import ACTIVE, PARKED, ClusterView, DeviceView, ModelView
+from policies.view import ACTIVE, PARKED, ClusterView, DeviceView, ModelView, Placement
 
 
 def device_key(view: ClusterView, m: ModelView, d: DeviceView, fast: bool,
@@ -76,17 +72,74 @@ def may_displace(view: ClusterView, m: ModelView, victim: ModelView, device: str
             and (not outranked or demand_key(view, victim.name) < demand_key(view, m.name)))
 
 
-def acquire(plan: Planner, m: ModelView, heat: Heat, fast: bool, ask: bool = True) -> None:
+def acquire(plan: Planner, m: ModelView, heat: Heat, fast: bool, ask: bool = True,
+            engine_rps: float = 0.0, max_members: int = 0, headroom: float = 1.0,
+            busy_s: float = 30.0) -> None:
     """Give ``m`` (which has no copy in memory) an active copy; failing that,
     ask for capacity if ``ask`` (the caller says whether the need is urgent).
-    ``fast``: order devices for a hot or big model."""
-    ladder = (_join, _swap, _wake, _load, _load_and_swap, _evict) if fast \
-        else (_join, _swap, _wake, _load_and_swap, _load, _evict)
+    ``fast``: order devices for a hot or big model. With ``engine_rps`` (the
+    requests per second one engine serves on a speed-1.0 device) and
+    ``max_members``, a model that is not hot first tries to join a
+    time-shared engine of its family (``join``); a hot one wants its own."""
+    if m.name not in heat.hot and max_members > 0 and \
+            join(plan, m, engine_rps, max_members, headroom, busy_s):
+        return
+    ladder = (_swap, _wake, _load, _load_and_swap, _evict) if fast \
+        else (_swap, _wake, _load_and_swap, _load, _evict)
     for step in ladder:
         if step(plan, m, heat, fast):
             return
     if ask:
         plan.do(capacity_request(m, "no device can take it and nothing may give way", fast))
+
+
+def join(plan: Planner, m: ModelView, engine_rps: float, max_members: int,
+         headroom: float = 1.0, busy_s: float = 30.0) -> bool:
+    """Join a time-shared engine of ``m``'s family: on a device that
+    time-shares, a ``Load`` (parked: it holds no device memory) of a model
+    whose family has an engine there makes it a member taking turns on that
+    engine (``cluster/engine/timeshare.py``): no engine start, no memory, no
+    eviction. A device takes it only while its members' measured TTFT and
+    TPOT stay, on average, within ``headroom`` times their SLOs, while the models expected
+    busy there at once stay within ``max_members`` (all families: they share
+    the device's compute; a model at rate r counts min(1, r * busy_s), so a
+    rarely used one counts for little), and while its demand fits (one engine
+    serves ``engine_rps`` times the device's speed); the least loaded first."""
+    view = plan.view
+    best = None
+    for d in view.devices:
+        if not m.allowed_on(d) or m.placement(d.id) is not None:
+            continue
+        here = view.residents(d.id)
+        members = [(x, x.placement(d.id)) for x in here
+                   if x.family == m.family and x.placement(d.id).timeshared]
+        if not members or _over(members, "tpot_s", "tpot_slo_s", headroom) or \
+                _over(members, "ttft_s", "ttft_slo_s", headroom):
+            continue
+        # Every copy there counts: joins planned this round are not members yet.
+        busy = sum(min(1.0, view.demand_of(x.name).rate * busy_s) for x in here)
+        if busy + min(1.0, view.demand_of(m.name).rate * busy_s) > max_members:
+            continue
+        load = sum(view.demand_of(x.name).rate for x in here)
+        if load + view.demand_of(m.name).rate > engine_rps * d.speed:
+            continue
+        key = (load / d.speed, d.cost_per_hour, d.id)
+        if best is None or key < best[0]:
+            best = (key, d)
+    if best is None:
+        return False
+    plan.do(Load(m.name, best[1].id, park=True,
+                 reason=f"{m.name} wanted; joins the time-shared {m.family} engine on "
+                        f"{best[1].id}"))
+    return True
+
+
+def _over(members: list[tuple[ModelView, Placement]], measured: str, slo: str,
+          headroom: float) -> bool:
+    """Is the members' mean measured latency, relative to their SLOs, above ``headroom``?"""
+    ratios = [getattr(p, measured) / getattr(x, slo) for x, p in members
+              if getattr(p, measured) is not None]
+    return bool(ratios) and sum(ratios) / len(ratios) > headroom
 
 
 def capacity_request(m: ModelView, why: str, fast: bool = False) -> RequestCapacity:
@@ -101,8 +154,10 @@ def _swap_partner(view: ClusterView, m: ModelView, d: DeviceView,
     that is less wanted, or any idle cold one if ``m`` has requests waiting."""
     free = view.free_bytes(d.id)
     waiting = view.demand_of(m.name).queue > 0
+    # Not a time-share member: a swap into its engine is a join (``join``).
     partners = [r for r in in_memory(view, d.id)
                 if r.family == m.family and free + r.footprint >= m.footprint
+                and not r.placement(d.id).timeshared
                 and may_displace(view, m, r, d.id, outranked=not waiting or r.name in heat.hot)]
     return min(partners, key=lambda r: eviction_order(view, r.name), default=None)
 
@@ -112,14 +167,6 @@ def _allowed(view: ClusterView, m: ModelView, heat: Heat, fast: bool, pred) -> l
     hot = heat.hot_devices(view)
     ds = [d for d in view.devices if m.allowed_on(d) and pred(d)]
     return sorted(ds, key=lambda d: device_key(view, m, d, fast, hot))
-
-
-def _join(plan: Planner, m: ModelView, heat: Heat, fast: bool) -> bool:
-    for d in _allowed(plan.view, m, heat, fast, lambda d: joins_timeshare(plan.view, m, d)):
-        plan.do(Load(m.name, d.id, reason=f"{m.name} wanted; joins its family's time-shared "
-                                          f"engine on {d.id}"))
-        return True
-    return False
 
 
 def _swap(plan: Planner, m: ModelView, heat: Heat, fast: bool) -> bool:
@@ -182,7 +229,8 @@ def _evict(plan: Planner, m: ModelView, heat: Heat, fast: bool) -> bool:
     actions: list[Action] = []
     for v in victims:
         why = f"{EVICTION_REASON} {m.name}, which is wanted more"
-        keep = has_demand(view.demand_of(v.name))
+        # Parked, a time-share member would stay a member: it leaves instead.
+        keep = has_demand(view.demand_of(v.name)) and not v.placement(d.id).timeshared
         actions.append(Park(v.name, d.id, reason=why) if keep else Unload(v.name, d.id, reason=why))
     if m.placement(d.id) is not None:
         actions.append(Wake(m.name, d.id, reason=f"{m.name} wanted; room made"))
@@ -207,6 +255,30 @@ def _victims_on(view: ClusterView, m: ModelView, d: DeviceView,
     for v in sorted(candidates, key=lambda v: eviction_order(view, v.name)):
         if need <= 0:
             break
-        chosen.append(v)
+        if v.placement(d.id).timeshared:
+            # A time-shared engine frees its memory only when its last member
+            # leaves: the whole group goes, or none of it.
+            group = _idle_group(view, m, v, d)
+            if group is None:
+                continue
+            chosen += group
+        else:
+            chosen.append(v)
         need -= v.footprint
     return chosen if need <= 0 and chosen else None
+
+
+def _idle_group(view: ClusterView, m: ModelView, v: ModelView,
+                d: DeviceView) -> list[ModelView] | None:
+    """Every member of the time-shared engine ``v`` is in, ``v`` first, if all
+    are idle and unpinned and together less wanted than ``m`` (their rates
+    summed: one newcomer does not displace a busy family, waiting or not)."""
+    members = [x for x in view.residents(d.id)
+               if x.family == v.family and x.placement(d.id).timeshared]
+    for x in members:
+        if x.pinned or x.placement(d.id).inflight or view.demand_of(x.name).queue or \
+                len(x.on(ACTIVE, PARKED)) <= x.min_replicas:
+            return None
+    if sum(view.demand_of(x.name).rate for x in members) >= view.demand_of(m.name).rate:
+        return None
+    return [v] + [x for x in members if x.name != v.name]

@@ -44,14 +44,6 @@ def timeshare_served(m: ModelView) -> bool:
                for p in m.placements)
 
 
-def joins_timeshare(view: ClusterView, m: ModelView, d: DeviceView) -> bool:
-    """Would ``m`` join a time-shared engine of its family on ``d`` (no
-    memory of its own: its weights wait in host memory for its turns)?"""
-    return d.timeshare and m.placement(d.id) is None and any(
-        x.family == m.family and x.name != m.name and x.placement(d.id) is not None
-        for x in view.models)
-
-
 def swappable_on(m: ModelView) -> set[str]:
     """Devices where ``m`` is parked and a policy swap or wake would act;
     a time-shared copy's swaps are its device scheduler's, not the policy's."""

@@ -63,8 +63,10 @@ def empty_one_device(plan: Planner, heat: Heat) -> None:
 
 def _move_all_off(trial: Planner, d: DeviceView, heat: Heat, hot_devices: frozenset[str]) -> bool:
     residents = in_memory(trial.view, d.id)
+    # A time-shared engine stays while any member is left: moving its
+    # current member empties nothing.
     if any(m.pinned or m.name in heat.hot or m.placement(d.id).state != ACTIVE
-           for m in residents):
+           or m.placement(d.id).timeshared for m in residents):
         return False
     # Biggest first: first-fit-decreasing packs better than arrival order.
     for m in sorted(residents, key=lambda m: (-m.footprint, m.name)):

@@ -57,6 +57,16 @@ class DefaultConfig:
     big_model_bytes: int = 40 * GiB
     # Run the consolidation pass on quiet rounds.
     consolidate: bool = True
+    # Time-share members busy at once a device takes before a cold model goes
+    # elsewhere (Aegaeon fits up to 7 models per GPU); 0: cold models never
+    # join a time-shared engine by themselves.
+    timeshare_max_models: int = 7
+    # How long one request keeps its model busy, for counting busy members: a
+    # model at rate r counts min(1, r * timeshare_busy_s).
+    timeshare_busy_s: float = 30.0
+    # ... and only while its members' measured TTFT and TPOT stay within this
+    # fraction of their SLOs: the rest is the margin a newcomer's turns cost.
+    timeshare_headroom: float = 0.8
 
     def __post_init__(self):
         if not 0 <= self.cold_rate <= self.hot_rate:
@@ -64,6 +74,14 @@ class DefaultConfig:
                              f"got {self.cold_rate} and {self.hot_rate}")
         if self.hot_rate <= 0:
             raise ValueError(f"hot_rate must be positive, got {self.hot_rate}")
+        if self.timeshare_max_models < 0:
+            raise ValueError(f"timeshare_max_models must be >= 0, "
+                             f"got {self.timeshare_max_models}")
+        if self.timeshare_busy_s <= 0:
+            raise ValueError(f"timeshare_busy_s must be positive, got {self.timeshare_busy_s}")
+        if not 0 < self.timeshare_headroom <= 1:
+            raise ValueError(f"timeshare_headroom must be in (0, 1], "
+                             f"got {self.timeshare_headroom}")
         if self.idle_unload_s < 0:
             raise ValueError(f"idle_unload_s must be >= 0, got {self.idle_unload_s}")
         if not 0 < self.scale_in_util < 1:
@@ -125,7 +143,9 @@ class DefaultPolicy:
             floor = max(1, m.min_replicas)
             while True:
                 m = plan.view.model(m.name)
-                active = m.on(ACTIVE)
+                # A time-share member is active only while it has its turn:
+                # not a replica to count or drop.
+                active = [d for d in m.on(ACTIVE) if not m.placement(d).timeshared]
                 if len(active) <= floor:
                     break
                 worst = min(active, key=lambda d: (plan.view.device(d).speed,
@@ -156,7 +176,11 @@ class DefaultPolicy:
             d = plan.view.demand_of(m.name)
             urgent = d.queue > 0 or d.inflight > 0 or m.min_replicas > 0 or m.name in heat.hot
             if urgent or (d.rate > 0 and not swap_ready(plan.view, m)):
-                acquire(plan, m, heat, self._fast(m, heat), ask=urgent)
+                acquire(plan, m, heat, self._fast(m, heat), ask=urgent,
+                        engine_rps=self.config.rps(m.name),
+                        max_members=self.config.timeshare_max_models,
+                        headroom=self.config.timeshare_headroom,
+                        busy_s=self.config.timeshare_busy_s)
 
     def _scale_out(self, plan: Planner, heat: Heat) -> None:
         """Up to ``min_replicas`` for everyone; beyond that, hot models add the

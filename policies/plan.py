@@ -32,7 +32,6 @@ from dataclasses import fields, replace
 
 from policies.actions import (Action, Load, Migrate, Park, ReclaimDevice, ReleaseDevice,
                               RequestCapacity, ScaleIn, ScaleOut, SetCapacity, Swap, Unload, Wake)
-from policies.choose import joins_timeshare
 from policies.view import ACTIVE, LOADING, PARKED, ClusterView, DeviceView, ModelView, Placement
 
 _IN_MEMORY = (LOADING, ACTIVE)
@@ -153,8 +152,6 @@ def _load(view: ClusterView, a: Load) -> ClusterView:
     m, d = _model(view, a.model, a), _device(view, a.device, a)
     _allowed(m, d, a)
     _not_on(m, d, a)
-    if joins_timeshare(view, m, d):  # a member: takes turns, holds no memory of its own
-        return _set(view, m, d.id, Placement(d.id, PARKED, timeshared=True))
     if not a.park:
         _room(view, m, d, a)
     elif m.footprint > d.memory_bytes:

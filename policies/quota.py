@@ -1,8 +1,8 @@
 """Decode time quotas for models time-sharing one device (Aegaeon, SOSP'25).
 
-Pure arithmetic, used by the engine worker's time-sharing scheduler
-(``cluster/engine/timeshare.py``) and open to a simulator. In one round every model
-i with work decodes for ``quota_i``, and the device pays ``c0`` in switches.
+Pure arithmetic, used by the turn machine (``policies/turns.py``) that the
+engine worker and the simulator both run. In one round every model i with
+work decodes for ``quota_i``, and the device pays ``c0`` in switches.
 
 - ``n_i = TPOT_SLO_i / step_i``: decode steps model i may take per SLO interval;
 - ``alpha = max(c0 / (min n * max_round_s) + sum 1/n, slo_fraction)``;

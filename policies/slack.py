@@ -1,7 +1,8 @@
 """Slack-driven turns for models time-sharing one device (Shoal's ``token``
 discipline; ``policies/quota.py`` is Aegaeon's fixed-quota alternative).
 
-Pure arithmetic over request timings, used by ``cluster/engine/timeshare.py``.
+Pure arithmetic over request timings, used by the turn machine
+(``policies/turns.py``) that the engine worker and the simulator both run.
 
 Every waiting request has a latest moment its model must get the device
 back for it to still meet its SLO, its *laxity* from now:
@@ -93,9 +94,8 @@ def next_model(current: ModelSlack | None, others: list[ModelSlack], *, margin_s
     point would make every model miss its TPOT instead of one request its
     TTFT.
     """
-    cur = current.laxity if current is not None and current.laxity is not None else float("inf")
-    load = sum(m.share for m in [current, *others] if m is not None and m.decoding)
-    others = [o for o in others if o.decoding or load + o.share <= capacity]
+    cur = _laxity_of(current)
+    others = _admitted(current, others, capacity)
 
     def must_start(o: ModelSlack) -> bool:
         return o.laxity is not None and o.laxity <= margin_s and o.laxity <= cur
@@ -120,3 +120,40 @@ def next_model(current: ModelSlack | None, others: list[ModelSlack], *, margin_s
     if feasible:
         return min(feasible, key=lambda o: (o.laxity, o.name)).name
     return max(others, key=lambda o: (o.waited_s, o.name)).name if others else None
+
+
+def quiet_s(current: ModelSlack | None, others: list[ModelSlack], *, margin_s: float,
+            hysteresis_s: float, prefill_turn_s: float, starve_s: float,
+            capacity: float = 1.0) -> float:
+    """How long ``next_model`` (same arguments) keeps answering None if
+    nothing changes but the clock: the waiting models' laxities fall as the
+    time passes and their waits grow, the current model's laxity holds
+    still (see the module docstring). 0: it may answer otherwise now; inf:
+    the clock alone never makes it. Rules 1, 2 and 4 of ``next_model`` fire
+    at a time that follows from a laxity or a wait; rule 3 fires now or not
+    at all. A laxity that turns negative only ever makes a rule fire later,
+    so leaving that out keeps the answer a lower bound."""
+    if current is None:
+        return 0.0
+    cur = _laxity_of(current)
+    t = float("inf")
+    for o in _admitted(current, others, capacity):
+        if o.laxity is not None:
+            t = min(t, o.laxity - min(margin_s, cur), o.laxity - (cur - hysteresis_s))
+            if o.has_new and cur > prefill_turn_s + margin_s + hysteresis_s:
+                t = 0.0
+        t = min(t, starve_s - o.waited_s)
+    return max(0.0, t)
+
+
+def _laxity_of(current: ModelSlack | None) -> float:
+    """The current model's laxity; inf if it has no feasible request (or the device is free)."""
+    return current.laxity if current is not None and current.laxity is not None else float("inf")
+
+
+def _admitted(current: ModelSlack | None, others: list[ModelSlack],
+              capacity: float) -> list[ModelSlack]:
+    """``others`` that may take a turn: those decoding already, and new
+    models only while the rotation's TPOT needs stay within ``capacity``."""
+    load = sum(m.share for m in [current, *others] if m is not None and m.decoding)
+    return [o for o in others if o.decoding or load + o.share <= capacity]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 
 LOADING, ACTIVE, PARKED = "loading", "active", "parked"
@@ -23,9 +24,6 @@ class DeviceView:
     memory_bytes: int
     speed: float = 1.0  # relative decode throughput; 1.0 = the reference device
     cost_per_hour: float = 0.0
-    # Token-level time-sharing: one engine per family, whose models take
-    # turns on it. A model joins its family's engine with no memory of its own.
-    timeshare: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,29 +105,61 @@ class ClusterView:
     def __post_init__(self):
         object.__setattr__(self, "demand", MappingProxyType(dict(self.demand)))
 
-    def device(self, device_id: str) -> DeviceView:
+    # Lookups by id, built on first use: a policy asks them thousands of times
+    # per round, and a view never changes (``plan.apply`` makes a new one).
+    @cached_property
+    def _devices_by_id(self) -> dict[str, DeviceView]:
+        index: dict[str, DeviceView] = {}
         for d in self.devices:
-            if d.id == device_id:
-                return d
-        raise KeyError(device_id)
+            index.setdefault(d.id, d)
+        return index
+
+    @cached_property
+    def _models_by_name(self) -> dict[str, ModelView]:
+        index: dict[str, ModelView] = {}
+        for m in self.models:
+            index.setdefault(m.name, m)
+        return index
+
+    @cached_property
+    def _copies_by_device(self) -> dict[str, list[tuple[ModelView, str]]]:
+        """device -> (model, state) of each copy there, in ``models`` order."""
+        index: dict[str, list[tuple[ModelView, str]]] = {}
+        for m in self.models:
+            for p in m.placements:
+                index.setdefault(p.device, []).append((m, p.state))
+        return index
+
+    def device(self, device_id: str) -> DeviceView:
+        try:
+            return self._devices_by_id[device_id]
+        except KeyError:
+            raise KeyError(device_id) from None
 
     def model(self, name: str) -> ModelView:
-        for m in self.models:
-            if m.name == name:
-                return m
-        raise KeyError(name)
+        try:
+            return self._models_by_name[name]
+        except KeyError:
+            raise KeyError(name) from None
 
     def demand_of(self, name: str) -> Demand:
         return self.demand.get(name, NO_DEMAND)
 
     def residents(self, device_id: str, *states: str) -> tuple[ModelView, ...]:
         """Models with a copy on ``device_id`` (in ``states``, default any)."""
-        return tuple(m for m in self.models
-                     for p in m.placements
-                     if p.device == device_id and (not states or p.state in states))
+        return tuple(m for m, state in self._copies_by_device.get(device_id, ())
+                     if not states or state in states)
+
+    @cached_property
+    def _used_by_device(self) -> dict[str, int]:
+        used: dict[str, int] = {}
+        for device_id, copies in self._copies_by_device.items():
+            used[device_id] = sum(m.footprint for m, state in copies
+                                  if state in (LOADING, ACTIVE))
+        return used
 
     def used_bytes(self, device_id: str) -> int:
-        return sum(m.footprint for m in self.residents(device_id, LOADING, ACTIVE))
+        return self._used_by_device.get(device_id, 0)
 
     def free_bytes(self, device_id: str) -> int:
         return self.device(device_id).memory_bytes - self.used_bytes(device_id)

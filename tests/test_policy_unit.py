@@ -518,23 +518,3 @@ def test_an_overloaded_time_shared_model_gets_a_copy_elsewhere():
     are its scheduler's)."""
     actions = decide(_ts_view(tpot_s=0.3))
     assert [(type(x), x.model, x.device) for x in actions] == [(Load, "b", "d1")]
-
-
-def test_a_cold_model_joins_its_familys_time_shared_engine():
-    """d0 time-shares a's engine and is full; b (same family) joins the
-    rotation there, with no memory of its own, rather than take the empty
-    cheaper device. A model of another family gets no such seat."""
-    ts = DeviceView(id="d0", node="n0", vendor="nvidia", accelerator_type="H100",
-                    memory_bytes=50, cost_per_hour=2.0, timeshare=True)
-    a = ModelView(name="a", family="llama", weights_bytes=40, kv_cache_bytes=0,
-                  placements=(Placement("d0", ACTIVE, timeshared=True),))
-    view = cluster([ts, dev("d1", cost=1.0)], [a, mdl("b"), mdl("q", family="qwen")],
-                   a=wants(), b=wants(queue=1), q=wants(queue=1))
-    actions = decide(view)
-    assert Load("b", "d0") in actions and Load("q", "d1") in actions
-    after = apply_all(view, actions)
-    joined = after.model("b").placement("d0")
-    assert joined.state == PARKED and joined.timeshared
-    assert after.free_bytes("d0") == view.free_bytes("d0")  # joining costs no memory
-    with pytest.raises(InvalidAction, match="over-commit"):
-        apply(view, Load("q", "d0"))  # not its family's engine: memory as usual

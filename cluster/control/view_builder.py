@@ -23,8 +23,7 @@ _POLICY_STATE = {ModelState.LOADING: LOADING, ModelState.ACTIVE: ACTIVE,
 def device_view(d: DeviceSpec) -> DeviceView:
     return DeviceView(id=d.id, node=d.node_id or "", vendor=d.vendor,
                       accelerator_type=d.accelerator_type, memory_bytes=d.memory_bytes,
-                      speed=d.speed, cost_per_hour=d.cost_per_hour,
-                      timeshare=d.timeshare is not None)
+                      speed=d.speed, cost_per_hour=d.cost_per_hour)
 
 
 def placement(device: str, m: ModelStatus) -> Placement | None:

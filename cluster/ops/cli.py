@@ -72,6 +72,23 @@ def _run_bench(args) -> dict:
     return result
 
 
+def _simulate(args) -> int:
+    from cluster.ops.simulate import run_simulate
+
+    result = run_simulate(args)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def _profile(args) -> int:
+    with _stdout_to_stderr():
+        from cluster.bench.profile import run_profile
+
+        result = run_profile(args.models_dir, args.out, batches=tuple(args.batches))
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
 def _demo(args) -> int:
     from cluster.ops.demo import run_demo
 
@@ -150,6 +167,46 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--serve-plot", default="bench-results/serve.png",
                    help="serve: where to save the throughput plot ('' = none)")
     b.set_defaults(fn=_bench)
+
+    sim = sub.add_parser("simulate", help="the discrete-event simulator (cluster/sim/); prints JSON")
+    sim.add_argument("--scenario", choices=["aegaeon", "mixed-pool"],
+                     help="a named scenario (else: the scale run, or --trace)")
+    sim.add_argument("--json", action="store_true", help="one line of JSON")
+    sim.add_argument("--models", type=int, default=1000, help="scale run: models")
+    sim.add_argument("--duration-s", type=float, default=None,
+                     help="simulated seconds scored (scale: 3600; scenarios: 600)")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--systems", nargs="+", default=["shoal", "dedicated", "serverless",
+                                                       "muxserve"],
+                     choices=["shoal", "dedicated", "serverless", "muxserve"])
+    sim.add_argument("--devices", type=int, default=None,
+                     help="scale run: H800s (default models/8); --trace: devices")
+    sim.add_argument("--total-rate", type=float, default=None,
+                     help="scale run: total req/s (default 0.02 per model)")
+    sim.add_argument("--alpha", type=float, default=1.0,
+                     help="scale run: power-law popularity exponent")
+    sim.add_argument("--trace", help="CSV trace (time,model,input_tokens,output_tokens) to "
+                                     "replay with --system on --devices of --device-profile")
+    sim.add_argument("--system", default="shoal",
+                     choices=["shoal", "dedicated", "serverless", "muxserve"])
+    sim.add_argument("--device-profile", default="h800",
+                     help="a device name from the shipped profiles, or a profile file "
+                          "(`shoal profile` writes one)")
+    sim.add_argument("--base-model", default="qwen2.5-7b",
+                     help="--trace: the profile every model in the trace is an alias of")
+    sim.add_argument("--plots", default="bench-results/sim",
+                     help="where PNGs go ('' = none)")
+    sim.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    sim.set_defaults(fn=_simulate)
+
+    pr = sub.add_parser("profile", help="measure this machine's CPU engine; write a device "
+                                        "profile the simulator loads")
+    pr.add_argument("--json", action="store_true", help="one line of JSON")
+    pr.add_argument("--models-dir", default=".shoal/models")
+    pr.add_argument("--out", default=".shoal/profiles/cpu.json", help="the profile file")
+    pr.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                    help="decode batch sizes to time")
+    pr.set_defaults(fn=_profile)
 
     u = sub.add_parser("up", help="start the controller and the OpenAI front door")
     u.add_argument("--config", default="ray_configs/models.yaml", help="model catalog")
