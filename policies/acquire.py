@@ -35,6 +35,8 @@ disk read) and unloaded when it has none (nothing worth keeping warm).
 
 from __future__ import annotations
 
+from functools import partial
+
 from policies.actions import (EVICTION_REASON, Action, Load, Park, RequestCapacity, Swap,
                               Unload, Wake)
 from policies.choose import hosts_family, in_memory, is_empty, leftover, swappable_on
@@ -84,8 +86,9 @@ def acquire(plan: Planner, m: ModelView, heat: Heat, fast: bool, ask: bool = Tru
     if m.name not in heat.hot and max_members > 0 and \
             join(plan, m, engine_rps, max_members, headroom, busy_s):
         return
-    ladder = (_swap, _wake, _load, _load_and_swap, _evict) if fast \
-        else (_swap, _wake, _load_and_swap, _load, _evict)
+    evict = partial(_evict, busy_s=busy_s)
+    ladder = (_swap, _wake, _load, _load_and_swap, evict) if fast \
+        else (_swap, _wake, _load_and_swap, _load, evict)
     for step in ladder:
         if step(plan, m, heat, fast):
             return
@@ -210,14 +213,14 @@ def _load_and_swap(plan: Planner, m: ModelView, heat: Heat, fast: bool) -> bool:
     return False
 
 
-def _evict(plan: Planner, m: ModelView, heat: Heat, fast: bool) -> bool:
+def _evict(plan: Planner, m: ModelView, heat: Heat, fast: bool, busy_s: float = 30.0) -> bool:
     view, hot = plan.view, heat.hot_devices(plan.view)
     best: tuple | None = None
     for d in view.devices:
         p = m.placement(d.id)
         if not m.allowed_on(d) or (p is not None and p.state != PARKED):
             continue
-        victims = _victims_on(view, m, d, heat.hot)
+        victims = _victims_on(view, m, d, heat.hot, busy_s)
         if victims is not None:
             worst = max(eviction_order(view, v.name) for v in victims)
             key = (worst, len(victims), device_key(view, m, d, fast, hot))
@@ -241,7 +244,7 @@ def _evict(plan: Planner, m: ModelView, heat: Heat, fast: bool) -> bool:
 
 
 def _victims_on(view: ClusterView, m: ModelView, d: DeviceView,
-                hot: frozenset[str]) -> list[ModelView] | None:
+                hot: frozenset[str], busy_s: float = 30.0) -> list[ModelView] | None:
     """The least-wanted models on ``d``, taken in eviction order until ``m``
     fits, or None if even all of them would not make room."""
     need = m.footprint - view.free_bytes(d.id)
@@ -258,7 +261,7 @@ def _victims_on(view: ClusterView, m: ModelView, d: DeviceView,
         if v.placement(d.id).timeshared:
             # A time-shared engine frees its memory only when its last member
             # leaves: the whole group goes, or none of it.
-            group = _idle_group(view, m, v, d)
+            group = _idle_group(view, m, v, d, waiting, busy_s)
             if group is None:
                 continue
             chosen += group
@@ -268,17 +271,21 @@ def _victims_on(view: ClusterView, m: ModelView, d: DeviceView,
     return chosen if need <= 0 and chosen else None
 
 
-def _idle_group(view: ClusterView, m: ModelView, v: ModelView,
-                d: DeviceView) -> list[ModelView] | None:
+def _idle_group(view: ClusterView, m: ModelView, v: ModelView, d: DeviceView, waiting: bool,
+                busy_s: float) -> list[ModelView] | None:
     """Every member of the time-shared engine ``v`` is in, ``v`` first, if all
-    are idle and unpinned and together less wanted than ``m`` (their rates
-    summed: one newcomer does not displace a busy family, waiting or not)."""
+    are idle and unpinned, and together less wanted than ``m`` (their rates
+    summed: one newcomer does not displace a busy family) or, if ``m`` has
+    requests waiting, used so rarely that together they keep less than one
+    model busy (rate x ``busy_s``): the waiting-requester rule for one idle
+    copy, for a whole engine."""
     members = [x for x in view.residents(d.id)
                if x.family == v.family and x.placement(d.id).timeshared]
     for x in members:
         if x.pinned or x.placement(d.id).inflight or view.demand_of(x.name).queue or \
                 len(x.on(ACTIVE, PARKED)) <= x.min_replicas:
             return None
-    if sum(view.demand_of(x.name).rate for x in members) >= view.demand_of(m.name).rate:
+    rate = sum(view.demand_of(x.name).rate for x in members)
+    if rate >= view.demand_of(m.name).rate and not (waiting and rate * busy_s < 1.0):
         return None
     return [v] + [x for x in members if x.name != v.name]

@@ -29,3 +29,20 @@ def wait_until(pred, timeout_s: float = 30.0, every_s: float = 0.1):
             return value
         time.sleep(every_s)
     raise AssertionError(f"condition not met within {timeout_s} s")
+
+
+def measured_device(name: str, prefill_fixed_s: float, prefill_per_token_s: float,
+                    decode_step_s_by_batch: dict[int, float], swap_s: float):
+    """A simulator device profile with measured engine times (as `shoal
+    profile` writes one), its datasheet figures placeholders."""
+    from cluster.sim.profiles import DeviceProfile, MeasuredEngine
+
+    return DeviceProfile(
+        name=name, vendor="cpu", accelerator_type=None, memory_bytes=8 * 2**30,
+        memory_bandwidth_bytes_per_s=1e10, dense_flops_per_s=1e11, host_link_bytes_per_s=1e10,
+        cost_per_hour=0.0,
+        measured=MeasuredEngine(model="tiny", weights_bytes=10**6,
+                                prefill_fixed_s=prefill_fixed_s,
+                                prefill_per_token_s=prefill_per_token_s,
+                                decode_step_s_by_batch=decode_step_s_by_batch, swap_s=swap_s,
+                                fresh_engine_s=30.0))

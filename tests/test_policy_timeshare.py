@@ -85,6 +85,13 @@ def test_an_idle_time_shared_engine_goes_whole_or_not_at_all():
                    for a in decide([dev("d0")], busy, {**rare, "b": wants(0.01, inflight=1)}))
     wanted = decide([dev("d0")], models, {"a": wants(), "b": wants(), "new": wants(queue=1)})
     assert not any(isinstance(a, Unload) for a in wanted)  # 0.2 req/s together > 0.1
+    # Waiting, even a rarer model gets an engine that keeps less than one model busy.
+    seldom = decide([dev("d0")], models, {"a": wants(rate=0.005), "b": wants(rate=0.005),
+                                          "new": wants(rate=0.001, queue=1)})
+    assert Load("new", "d0") in seldom
+    quiet = decide([dev("d0")], models, {"a": wants(rate=0.005), "b": wants(rate=0.005),
+                                         "new": wants(rate=0.001)})
+    assert not any(isinstance(a, Unload) for a in quiet)  # not waiting: less wanted, stays
 
 
 def test_members_active_on_two_devices_are_not_replicas_to_scale_in():

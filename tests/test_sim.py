@@ -13,13 +13,14 @@ from cluster.sim.cluster import SimulationError
 from cluster.sim.costmodel import (DECODE_MBU, FRESH_ENGINE_INIT_S, SWAP_FIXED_S, MeasuredCost,
                                    RooflineCost, Switch, cost_model)
 from cluster.sim.fidelity import aliases, simulate_timeshared
-from cluster.sim.profiles import (MeasuredEngine, ProfileError, device_file_json, load_device_file,
-                                  load_devices, load_models, tp_group)
+from cluster.sim.profiles import (ProfileError, device_file_json, load_device_file, load_devices,
+                                  load_models, tp_group)
 from cluster.sim.run import expand, simulate
 from cluster.sim.systems import ServedModel
 from cluster.sim.workload import (Arrival, aegaeon_catalog, gamma, poisson, power_law_rates,
                                   read_csv, write_csv)
 from policies import ACTIVE, LOADING, DefaultPolicy, Load
+from tests.helpers import measured_device
 
 DEVICES, MODELS = load_devices(), load_models()
 QWEN = MODELS["qwen2.5-7b"]
@@ -75,14 +76,7 @@ def test_a_tensor_parallel_group_is_one_device_of_n_times_the_peaks():
     assert step == pytest.approx(0.02224, rel=1e-3)
 
 
-MEASURED = DEVICES["h800"].__class__(
-    name="cpu-test", vendor="cpu", accelerator_type=None, memory_bytes=8 * 2**30,
-    memory_bandwidth_bytes_per_s=1e10, dense_flops_per_s=1e11, host_link_bytes_per_s=1e10,
-    cost_per_hour=0.0,
-    measured=MeasuredEngine(model="tiny", weights_bytes=10**6, prefill_fixed_s=0.01,
-                            prefill_per_token_s=0.001, decode_step_s_by_batch={1: 0.004,
-                                                                               8: 0.006},
-                            swap_s=0.02, fresh_engine_s=30.0))
+MEASURED = measured_device("cpu-test", 0.01, 0.001, {1: 0.004, 8: 0.006}, swap_s=0.02)
 
 
 def test_a_measured_profile_is_used_as_measured(tmp_path):
@@ -223,3 +217,23 @@ def test_the_fidelity_hook_returns_every_request(tmp_path):
     assert len(out.outcomes) == 12 and all(o.finished for o in out.outcomes)
     assert out.switches >= 2 and out.summary["slo_attainment"] == 1.0
     assert all(o.ttft_s > 0 and o.tpot_s > 0 and not math.isnan(o.tpot_s) for o in out.outcomes)
+
+
+def test_searches_find_the_fewest_devices_and_a_mix_that_never_costs_more():
+    from cluster.sim.search import cheapest_pool, min_devices, sustainable_rate
+
+    assert min_devices(lambda n: 1.0 if n >= 13 else 0.5, 1, 80) == 13
+    assert min_devices(lambda n: 0.5, 1, 80) is None  # never reached: no answer, not 80
+    assert sustainable_rate({0.1: 0.99, 0.2: 0.95, 0.3: 0.5, 0.4: 0.95}, 0.9) == 0.2
+    # Capacity per device and price: "big" does the work of three "small" for 1.85 vs 3 x 0.97.
+    cap, price = {"small": 1, "big": 3, "pricey": 1}, {"small": 0.97, "big": 1.85, "pricey": 3.0}
+
+    def attainment(pool):
+        return 1.0 if sum(cap[t] * n for t, n in pool.items()) >= 10 else 0.8
+
+    pool, runs = cheapest_pool(attainment, {"small": 10}, price, list(price))
+    cost = sum(price[t] * n for t, n in pool.items())
+    assert attainment(pool) == 1.0 and cost < 10 * 0.97 and runs <= 40
+    assert pool.get("big", 0) >= 2
+    same, _ = cheapest_pool(lambda p: 0.0, {"small": 10}, price, list(price))
+    assert same == {"small": 10}  # nothing better passes: the start stands

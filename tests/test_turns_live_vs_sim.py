@@ -21,20 +21,14 @@ import pytest
 from cluster.catalog import TimeshareConfig
 from cluster.engine.timeshare import TimeShareScheduler, turn_config
 from cluster.sim.fidelity import aliases, timeshared_device
-from cluster.sim.profiles import DeviceProfile, MeasuredEngine, load_models
+from cluster.sim.profiles import load_models
 from cluster.sim.workload import Arrival
 from policies.turns import Keep
+from tests.helpers import measured_device
 
 SLO = (2.0, 0.05)  # TTFT, TPOT: tight enough that turns end on slack, not only on idleness
-# A measured-style device: fixed, round-free figures so no two happenings coincide.
-DEVICE = DeviceProfile(
-    name="test-cpu", vendor="cpu", accelerator_type=None, memory_bytes=64 * 2**30,
-    memory_bandwidth_bytes_per_s=1e11, dense_flops_per_s=1e12, host_link_bytes_per_s=1e10,
-    cost_per_hour=0.0,
-    measured=MeasuredEngine(model="tiny", weights_bytes=10**8, prefill_fixed_s=0.0071,
-                            prefill_per_token_s=0.00013, decode_step_s_by_batch={1: 0.0043,
-                                                                                 8: 0.0061},
-                            swap_s=0.0337, fresh_engine_s=30.0))
+# Measured-style engine times, odd enough that no two happenings coincide.
+DEVICE = measured_device("test-cpu", 0.0071, 0.00013, {1: 0.0043, 8: 0.0061}, swap_s=0.0337)
 TRACE = [Arrival(0.0, "qwen2.5-7b-0", 17, 60), Arrival(0.0123, "qwen2.5-7b-1", 23, 45),
          Arrival(0.0311, "qwen2.5-7b-2", 11, 70), Arrival(0.2017, "qwen2.5-7b-0", 29, 30),
          Arrival(0.4129, "qwen2.5-7b-1", 13, 80), Arrival(0.9001, "qwen2.5-7b-2", 19, 25)]

@@ -150,7 +150,7 @@ def _aegaeon_goals(s: Mapping[str, dict]) -> dict:
 # --- mixed pool ------------------------------------------------------------------
 
 MIXED_TYPES = ["h800", "h20", "a100", "l20", "mi300x", "ascend910b"]
-CUDA_ONLY_SHARE = 0.3  # of the models: built for CUDA only (allowed_vendors nvidia)
+CUDA_ONLY_EVERY = 3  # every third model is built for CUDA only (allowed_vendors nvidia)
 
 
 def mixed_pool(duration_s: float = 600.0, seed: int = 0, models: int = 40, rate: float = 0.1,
@@ -159,8 +159,8 @@ def mixed_pool(duration_s: float = 600.0, seed: int = 0, models: int = 40, rate:
     then a local search from it for a cheaper mix (``search.cheapest_pool``)."""
     devices = load_devices()
     catalog = aegaeon_catalog(models, load_models())
-    every = max(1, round(1 / CUDA_ONLY_SHARE))
-    served = [ServedModel(p, rate=rate, allowed_vendors=("nvidia",) if i % every == 0 else ())
+    served = [ServedModel(p, rate=rate,
+                          allowed_vendors=("nvidia",) if i % CUDA_ONLY_EVERY == 0 else ())
               for i, p in enumerate(catalog)]
     trace = poisson({m.name: rate for m in served}, WARMUP_S + duration_s, seed, SHAREGPT)
     price = {t: devices[t].cost_per_hour for t in MIXED_TYPES}

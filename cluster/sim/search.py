@@ -52,10 +52,12 @@ def cheapest_pool(attainment: Callable[[Mapping[str, int]], float | None],
                   start: Mapping[str, int], price: Mapping[str, float], types: list[str],
                   target: float = ATTAIN_99, budget: int = 40) -> tuple[dict[str, int], int]:
     """Local search from ``start`` (a pool that meets ``target``): take one
-    device away, or trade one for a cheaper type, whenever the pool still
-    meets the target and costs less; the cheapest such move each round, until
-    none helps or ``budget`` runs are spent. Returns the pool and the runs made.
-    The result never costs more than ``start``: it is a candidate itself."""
+    device away, or trade up to three of one type for one of another, when
+    the pool costs less and still meets the target (a cheaper type, or a
+    bigger one that takes the load of several); the cheapest such move each
+    round, until none helps or ``budget`` runs are spent. Returns the pool and
+    the runs made. The result never costs more than ``start``: it is a
+    candidate itself."""
     pool = {t: n for t, n in start.items() if n}
     runs = 0
 
@@ -65,11 +67,10 @@ def cheapest_pool(attainment: Callable[[Mapping[str, int]], float | None],
     while runs < budget:
         moves = []
         for t in sorted(pool):
-            less = {**pool, t: pool[t] - 1}
-            moves.append(less)
-            for u in types:
-                if u != t and price[u] < price[t]:
-                    moves.append({**less, u: less.get(u, 0) + 1})
+            moves.append({**pool, t: pool[t] - 1})
+            for k in range(1, min(3, pool[t]) + 1):
+                less = {**pool, t: pool[t] - k}
+                moves += [{**less, u: less.get(u, 0) + 1} for u in types if u != t]
         moves = sorted(({k: v for k, v in m.items() if v} for m in moves),
                        key=lambda m: (cost(m), sorted(m.items())))
         better = None
