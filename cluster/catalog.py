@@ -141,6 +141,31 @@ class DiscoveryConfig(_Strict):
     emulate_accelerators_on_cpu: bool = False
 
 
+class ElasticAccelerator(_Strict):
+    """One accelerator type the autoscaler can add (a node type provides it)."""
+
+    # The most devices of this type the standing request asks for: the node
+    # type's max_workers times its devices per node.
+    max_devices: int = Field(8, ge=1)
+
+
+class CapacityConfig(_Strict):
+    """Elastic capacity through Ray's autoscaler (``policies/elastic.py``).
+    Without this section Shoal asks Ray for nothing and gives nothing back."""
+
+    # Types the autoscaler can add; each needs a discovery.accelerators profile
+    # (memory, speed, cost: how the request picks a type for a model).
+    accelerators: dict[str, ElasticAccelerator] = Field(default_factory=dict)
+    shrink_delay_s: float = Field(30.0, ge=0, description="request shrink hysteresis")
+    release_idle_s: float = Field(60.0, ge=0, description="empty this long: give it back")
+    min_node_lifetime_s: float = Field(300.0, ge=0, description="no scale-down before this age")
+    # The node label each bundle's label selector names (autoscaler v2). The
+    # node types must carry it (custom labels cannot start with "ray.io/";
+    # use "ray.io/accelerator-type" only where Ray detects the hardware).
+    # None: select by the accelerator_type resource alone.
+    label_key: str | None = "shoal.io/accelerator-type"
+
+
 class ControllerConfig(_Strict):
     policy: str = Field("default", description="default | dedicated | lru")
     policy_config: dict[str, Any] = Field(default_factory=dict)
@@ -149,6 +174,9 @@ class ControllerConfig(_Strict):
     # Cold start: requests for a model that is not active wait here.
     cold_queue_max: int = Field(64, ge=1, description="waiting requests per model")
     load_timeout_s: float = Field(180.0, gt=0)
+    # How fast a model's measured arrival rate forgets (policies/demand.py):
+    # shorter follows bursts and lulls sooner, and scales in sooner.
+    demand_half_life_s: float = Field(60.0, gt=0)
 
 
 class Catalog(_Strict):
@@ -156,6 +184,7 @@ class Catalog(_Strict):
     cpu_devices: list[CPUDevice] = Field(default_factory=list)
     discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    capacity: CapacityConfig | None = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Catalog":
@@ -167,6 +196,10 @@ class Catalog(_Strict):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"duplicate cpu_devices id(s): {dup}")
+        for t in self.capacity.accelerators if self.capacity else ():
+            if t not in self.discovery.accelerators:
+                raise ValueError(f"capacity.accelerators.{t}: no profile in "
+                                 f"discovery.accelerators (memory_bytes, speed, cost_per_hour)")
         return self
 
     def model(self, name: str) -> ModelSpec:

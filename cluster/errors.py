@@ -100,6 +100,14 @@ class LoadTimeoutError(ServiceUnavailableError):
     code = "model_load_timeout"
 
 
+class NoCapacityError(ServiceUnavailableError):
+    """No device in the cluster may run the model (its allowed vendors or
+    accelerators, its size) and the autoscaler can add none that may: the
+    request fails at once instead of waiting out the load timeout."""
+
+    code = "no_allowed_accelerator"
+
+
 def root_cause(e: BaseException) -> BaseException:
     """The original error inside Ray's wrappers (an actor error raised
     through another actor arrives as a RayTaskError around a RayTaskError)."""

@@ -93,7 +93,7 @@ def acquire(plan: Planner, m: ModelView, heat: Heat, fast: bool, ask: bool = Tru
         if step(plan, m, heat, fast):
             return
     if ask:
-        plan.do(capacity_request(m, "no device can take it and nothing may give way"))
+        plan.do(capacity_request(m, "no device can take it and nothing may give way", fast))
 
 
 def join(plan: Planner, m: ModelView, engine_rps: float, max_members: int,
@@ -145,9 +145,9 @@ def _over(members: list[tuple[ModelView, Placement]], measured: str, slo: str,
     return bool(ratios) and sum(ratios) / len(ratios) > headroom
 
 
-def capacity_request(m: ModelView, why: str) -> RequestCapacity:
+def capacity_request(m: ModelView, why: str, fast: bool = False) -> RequestCapacity:
     return RequestCapacity(m.footprint, m.allowed_vendors, m.allowed_accelerators, m.name,
-                           reason=f"{m.name}: {why}")
+                           fast, reason=f"{m.name}: {why}")
 
 
 def _swap_partner(view: ClusterView, m: ModelView, d: DeviceView,

@@ -90,9 +90,43 @@ class ScaleIn(Action):
 
 @dataclass(frozen=True)
 class RequestCapacity(Action):
-    """Ask the autoscaler for a device with this much memory (and kind)."""
+    """One more device is wanted: one with this much memory, of an allowed
+    kind. Placement policies emit it; the elastic layer
+    (``policies/elastic.py``) folds every round's wants into the one
+    standing request (``SetCapacity``) and never executes it as such."""
 
     memory_bytes: int
     vendors: tuple[str, ...] = ()
     accelerators: tuple[str, ...] = ()
     for_model: str = ""
+    # A hot or big model: the fastest kind is chosen for it, not the cheapest.
+    fast: bool = False
+
+
+@dataclass(frozen=True)
+class SetCapacity(Action):
+    """Replace the standing capacity request: the devices the cluster should
+    have, as ``(kind, node, count)``, sorted. A device in service is pinned
+    to its node, so the autoscaler keeps that node and no other; ``node``
+    None counts devices of the kind on any node (new ones). The counts are
+    totals, devices already there included, as Ray's ``request_resources``
+    reads them; an empty tuple withdraws the request."""
+
+    devices: tuple[tuple[str, str | None, int], ...]
+
+
+@dataclass(frozen=True)
+class ReleaseDevice(Action):
+    """Give an empty device back: its engine worker stops, so its node can
+    go idle and the autoscaler may remove it. Only a device with no copy
+    left on it (parked ones are unloaded first, in the same round)."""
+
+    device: str
+
+
+@dataclass(frozen=True)
+class ReclaimDevice(Action):
+    """Take a released device whose node is still up back into service (a
+    new engine worker): cheaper and faster than asking for a new node."""
+
+    device: str

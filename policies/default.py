@@ -198,7 +198,8 @@ class DefaultPolicy:
                 if len(copies) >= floor and not (m.name in heat.hot and short):
                     break
                 if not self._add_replica(plan, m, heat):
-                    plan.do(capacity_request(m, f"wants replica {len(copies) + 1}"))
+                    plan.do(capacity_request(m, f"wants replica {len(copies) + 1}",
+                                             self._fast(m, heat)))
                     break
 
     # --- helpers --------------------------------------------------------------

@@ -30,8 +30,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import fields, replace
 
-from policies.actions import (Action, Load, Migrate, Park, RequestCapacity, ScaleIn, ScaleOut,
-                              Swap, Unload, Wake)
+from policies.actions import (Action, Load, Migrate, Park, ReclaimDevice, ReleaseDevice,
+                              RequestCapacity, ScaleIn, ScaleOut, SetCapacity, Swap, Unload, Wake)
 from policies.view import ACTIVE, LOADING, PARKED, ClusterView, DeviceView, ModelView, Placement
 
 _IN_MEMORY = (LOADING, ACTIVE)
@@ -240,10 +240,34 @@ def _request_capacity(view: ClusterView, a: RequestCapacity) -> ClusterView:
     return view  # a hint to the autoscaler; the view changes when a device joins
 
 
+def _set_capacity(view: ClusterView, a: SetCapacity) -> ClusterView:
+    keys = [(k, node or "") for k, node, _ in a.devices]
+    if keys != sorted(set(keys)):
+        raise _fail(a, "(kind, node) entries must be sorted and unique")
+    if any(n <= 0 for _, _, n in a.devices):
+        raise _fail(a, "counts must be positive (leave a kind out to ask for none)")
+    return view  # the request only; devices join the view when their nodes do
+
+
+def _release_device(view: ClusterView, a: ReleaseDevice) -> ClusterView:
+    d = _device(view, a.device, a)
+    held = view.residents(d.id)
+    if held:
+        raise _fail(a, f"{d.id!r} still holds {sorted(m.name for m in held)}")
+    return replace(view, devices=tuple(x for x in view.devices if x.id != d.id))
+
+
+def _reclaim_device(view: ClusterView, a: ReclaimDevice) -> ClusterView:
+    if any(d.id == a.device for d in view.devices):
+        raise _fail(a, f"{a.device!r} is in service already")
+    return view  # it joins the view once its new worker reports
+
+
 _HANDLERS = {
     Load: _load, Swap: _swap, Park: _park, Wake: _wake, Unload: _unload,
     ScaleOut: _scale_out, ScaleIn: _scale_in, Migrate: _migrate,
-    RequestCapacity: _request_capacity,
+    RequestCapacity: _request_capacity, SetCapacity: _set_capacity,
+    ReleaseDevice: _release_device, ReclaimDevice: _reclaim_device,
 }
 
 

@@ -31,7 +31,7 @@ class TurnConfig:
 
 @dataclass(eq=False)
 class TurnRequest:
-    """One request (or exclusive lease) as the turn logic sees it.
+    """One request as the turn logic sees it.
 
     Mutable, and compared by identity, on purpose: the machine updates it on
     every output, and a driver subclasses it to carry its own I/O (the
@@ -42,8 +42,7 @@ class TurnRequest:
     rid: str
     model: str
     arrived: float
-    max_tokens: int  # its whole budget; a lease counts as 1 (judged like a prefill)
-    exclusive: bool = False  # a lease that holds the model's turn, not a request
+    max_tokens: int  # its whole budget
     generated: int = 0  # tokens delivered so far
     first_at: float | None = None  # when its first token came
     in_engine: bool = False  # started by a turn and not preempted since

@@ -38,15 +38,17 @@ the gap between two outputs of one engine segment per token; a switch costs
 the swap plus the re-prefill of the preempted requests, until the turn's
 first resumed token.
 
-Invariants: a model alone on the device is never preempted; a model holding
-an exclusive lease (a request that cannot be preempted) keeps its turn; the
-same events at the same times give the same decisions.
+Invariants: a model alone on the device is never preempted; a turn never
+ends before every request it started has had an output in that turn (its
+prefill or re-prefill is done), so each turn moves every one of its
+requests forward and no mix of short turns and long re-prefills can keep the
+device busy without progress; the same events at the same times give the
+same decisions.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -86,7 +88,6 @@ class TurnMachine:
         self.order: list[str] = []  # round-robin order: models by first arrival
         self.current: str | None = None  # the model whose turn it is
         self.last: str | None = None  # the model of the last turn
-        self.holds: Counter[str] = Counter()  # exclusive leases per model
         self.next: str | None = None  # "token": chosen when the last turn ended
         self.round_s = 0.0  # "aegaeon": the last round's length
         self.turn_started = 0.0
@@ -99,10 +100,8 @@ class TurnMachine:
 
     # ------------------------------------------------------------- events
     def arrive(self, req: TurnRequest) -> bool:
-        """A request (or lease) arrives. True: its model's turn is running,
-        it joins it now (the driver starts it)."""
-        if req.exclusive:
-            self.holds[req.model] += 1
+        """A request arrives. True: its model's turn is running, it joins it
+        now (the driver starts it)."""
         self.queues.setdefault(req.model, {})[req.rid] = req
         if req.model not in self.order:
             self.order.append(req.model)
@@ -132,13 +131,11 @@ class TurnMachine:
         req.generated += tokens
 
     def drop(self, req: TurnRequest) -> None:
-        """``req`` finished, failed, was aborted or its lease released."""
+        """``req`` finished, failed or was aborted."""
         q = self.queues.get(req.model, {})
         if q.get(req.rid) is req:
             del q[req.rid]
         req.in_engine = False
-        if req.exclusive:
-            self.holds[req.model] -= 1
 
     def fail(self, model: str) -> list[TurnRequest]:
         """``model`` cannot be served here (its switch failed, the engine
@@ -204,7 +201,7 @@ class TurnMachine:
         self.current, self.last = model, model
         self.turn_started, self.turn_first = now, None
         queue = self.queues[model]
-        resumed = any(not r.new for r in queue.values() if not r.exclusive)
+        resumed = any(not r.new for r in queue.values())
         turn = self._turn = _Turn(model, t0, self.config.discipline, resumed)
         start = list(queue.values())
         for req in start:
@@ -231,7 +228,7 @@ class TurnMachine:
         others = self._others_waiting(turn.model)
         if turn.discipline == TOKEN:
             # Re-judged every min_quota_s while others wait; never before it.
-            if others and not self.holds[turn.model] and \
+            if others and not self._unfinished_start(turn.model) and \
                     now - self.turn_started >= self.config.min_quota_s:
                 nxt = self._next_model(turn.model, now)
                 if nxt is not None:
@@ -242,11 +239,20 @@ class TurnMachine:
             # It was alone when its turn began; now others wait.
             turn.quota_s = self.est[turn.model].quota_s = self._quota(turn.model)
             turn.deadline = now + turn.quota_s
-        if now >= turn.deadline and not self.holds[turn.model]:
+        if now >= turn.deadline:
+            if self._unfinished_start(turn.model):
+                return Keep(self.config.min_quota_s)  # the quota is up: end once it moved
             if others:
                 return EndTurn()
             turn.deadline = now + turn.quota_s  # alone: keep going, no pointless switch
         return Keep(None if math.isinf(turn.deadline) else max(0.0, turn.deadline - now))
+
+    def _unfinished_start(self, model: str) -> bool:
+        """Has a request this turn started had no output yet (its prefill or
+        re-prefill still running)? Then the turn may not end: see the
+        invariants."""
+        return any(r.in_engine and r.seg_prev_at is None
+                   for r in self.queues.get(model, {}).values())
 
     def preempt(self) -> list[TurnRequest]:
         """The turn ends: the requests to take out of the engine (each keeps
@@ -285,15 +291,14 @@ class TurnMachine:
 
     # ------------------------------------------------------------- stats
     def counts(self, model: str) -> tuple[int, int, int]:
-        """``model``'s requests (leases aside): (queued, in the engine, preempted)."""
-        q = [r for r in self.queues.get(model, {}).values() if not r.exclusive]
+        """``model``'s requests: (queued, in the engine, preempted)."""
+        q = list(self.queues.get(model, {}).values())
         return (sum(1 for r in q if not r.in_engine), sum(1 for r in q if r.in_engine),
                 sum(1 for r in q if not r.in_engine and not r.new))
 
     # ------------------------------------------------------------- internals
     def _start(self, req: TurnRequest) -> None:
-        if not req.exclusive:
-            req.in_engine = True
+        req.in_engine = True
 
     def _est(self, model: str) -> Estimate:
         """``model``'s estimates, read only (a blank one if none yet)."""

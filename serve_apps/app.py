@@ -9,10 +9,6 @@ App arguments (``args:`` in ``ray_configs/serve.yaml``):
 - ``admin_key``: bearer key for ``/admin/*`` (or env ``SHOAL_ADMIN_KEY``);
 - ``rate_limit_rps``: request rate limit for every model (off by default);
   ``rate_limits``: ``{model: requests/s}`` for some models.
-- ``resumable_openai`` (default true): vLLM's OpenAI serving layer runs at
-  the front door over resumable token streams (``cluster/gateway/``), so
-  OpenAI requests are preempted, moved and resumed like the token API;
-  false: the layer runs next to each engine (the earlier path).
 """
 
 from __future__ import annotations
@@ -37,5 +33,21 @@ def build_app(args: dict[str, Any] | None = None):
     args = dict(args or {})
     catalog = load_app_catalog(args)
     return ShoalIngress.bind(catalog.model_dump(mode="json"), args.get("admin_key"),
-                             args.get("rate_limit_rps"), args.get("rate_limits"),
-                             bool(args.get("resumable_openai", True)))
+                             args.get("rate_limit_rps"), args.get("rate_limits"))
+
+
+def shutdown_app() -> None:
+    """Stop every engine worker, the controller, then Serve (``shoal down``,
+    benchmarks). Needs this process connected to the cluster."""
+    import ray
+    from ray import serve
+
+    from cluster.control.controller import get_controller
+
+    try:
+        c = get_controller()
+        ray.get(c.shutdown_cluster.remote(), timeout=120)
+        ray.kill(c, no_restart=True)
+    except ValueError:
+        pass  # no controller
+    serve.shutdown()

@@ -1,10 +1,12 @@
 """The front door: one Ray Serve deployment, every catalog model behind it.
 
 It stays thin. For an OpenAI request it reads only ``model`` from the body,
-finds an active copy through the ``Router`` (a cold model waits in the
-controller's bounded queue), and relays what vLLM's own OpenAI serving layer
-produces next to that engine (``cluster/engine/openai_serving.py``). Errors use
-vLLM's OpenAI error shape; ``Retry-After`` accompanies every 503.
+waits for an active copy through the ``Router`` (a cold model waits in the
+controller's bounded queue), and hands the body to vLLM's own OpenAI serving
+layer for that model (``cluster/gateway/``), which runs here over Shoal's
+resumable token streams: a request is preempted, moved or resumed after a
+worker dies without the client noticing. Errors use vLLM's OpenAI error
+shape; ``Retry-After`` accompanies every 503.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from ray import serve
 
 from cluster.catalog import Catalog
 from cluster.control.controller import get_or_create_controller
-from cluster.errors import (BadRequestError, RetryLaterError, ServiceUnavailableError,
-                            ShoalError, UnknownModelError, root_cause)
-from cluster.openai_protocol import CHAT, COMPLETIONS, error_body
-from cluster.control.router import MAX_HOPS, Router, cancel_stream
+from cluster.errors import (BadRequestError, RetryLaterError, ShoalError, UnknownModelError,
+                            root_cause)
+from cluster.openai_protocol import CHAT, COMPLETIONS, error_body, sse_error
+from cluster.control.router import Router
+from cluster.coalesce import sse_batches
+from cluster.gateway.frontends import OpenAIFrontends
 from serve_apps.grpc_service import ShoalGrpcMixin
 from serve_apps.metrics import FrontDoorMetrics
 from serve_apps.rate_limit import RateLimiter
@@ -54,12 +58,6 @@ async def _json_or_empty(request: Request) -> dict:
     return body if isinstance(body, dict) else {}
 
 
-async def _values(gen):
-    """A Ray streaming generator's values."""
-    async for ref in gen:
-        yield await ref
-
-
 # Module-level helpers the deployment uses must be defined above it: Serve
 # serializes the class when the decorator runs, capturing only the globals
 # that exist at that point.
@@ -71,22 +69,15 @@ SSE_DONE = "data: [DONE]"  # the OpenAI stream's last event
 class ShoalIngress(ShoalGrpcMixin):
     def __init__(self, catalog: dict, admin_key: str | None = None,
                  rate_limit_rps: float | None = None,
-                 rate_limits: dict[str, float] | None = None,
-                 resumable_openai: bool = False):
+                 rate_limits: dict[str, float] | None = None):
         self.catalog = Catalog.model_validate(catalog)
         self.specs = {m.name: m for m in self.catalog.models}
         self.controller = get_or_create_controller(self.catalog)
-        self.router = Router(self.controller)
-        # vLLM's OpenAI layer here, over resumable token streams (preempted,
-        # moved, resumed like the token API); else next to each engine.
-        self.frontends = None
-        if resumable_openai:
-            from cluster.gateway.frontends import OpenAIFrontends  # imports vLLM: only if used
-
-            self.frontends = OpenAIFrontends(self.specs, self.router)
+        self.metrics = FrontDoorMetrics()
+        self.router = Router(self.controller, on_resume=self.metrics.request_resumed)
+        self.frontends = OpenAIFrontends(self.specs, self.router)
         self.admin_key = admin_key or os.environ.get("SHOAL_ADMIN_KEY") or None
         self.limiter = RateLimiter(rate_limit_rps, rate_limits)
-        self.metrics = FrontDoorMetrics()
 
     # ------------------------------------------------------------ OpenAI
     @app.post("/v1/chat/completions")
@@ -126,57 +117,38 @@ class ShoalIngress(ShoalGrpcMixin):
         if limited is not None:
             return error_response(limited)
         try:
-            if self.frontends is not None:
-                items, first = await self._start_here(model, kind, body)
-                strings, cancel = items, lambda: asyncio.ensure_future(items.aclose())
-            else:
-                gen, first = await self._start(model, kind, body, bool(body.get("stream")))
-                strings, cancel = _values(gen), lambda: cancel_stream(gen)
+            items, first = await self._start(model, kind, body)
         except ShoalError as e:
             self.metrics.request_failed(model, e)
             return error_response(e)
         if not first.get("stream"):
             self.metrics.request_done(model, first["status"], t0, [time.monotonic()])
-            text = first["body_json"] if "body_json" in first else json.dumps(first["body"])
-            return Response(text, status_code=first["status"], media_type="application/json")
-        return StreamingResponse(self._relay(strings, cancel, model, t0),
-                                 media_type="text/event-stream")
+            return Response(json.dumps(first["body"]), status_code=first["status"],
+                            media_type="application/json")
+        return StreamingResponse(self._relay(items, model, t0), media_type="text/event-stream")
 
-    async def _start_here(self, model: str, kind: str, body: dict) -> tuple[Any, dict]:
-        """vLLM's serving layer at this front door: a cold model waits (or
-        gets its 503) before vLLM sees the request; its first item next."""
+    async def _start(self, model: str, kind: str, body: dict) -> tuple[Any, dict]:
+        """A cold model waits (or gets its 503) before vLLM sees the
+        request; then the serving layer's first item: the whole response,
+        an error, or the start of a stream."""
         await self.router.pick(model, arrival=False)
         layer = await self.frontends.get(model)
-        items = layer.handle(self.frontends.tracker, model, kind, body)
+        items = layer.handle(kind, body)
         first = await items.__anext__()
         if not first.get("stream"):
             await items.aclose()
         return items, first
 
-    async def _start(self, model: str, kind: str, body: dict,
-                     stream: bool) -> tuple[Any, dict]:
-        """Open the request on an active copy; retry a stale route or a dead
-        worker. A non-streaming request is one plain actor call."""
-        avoid: set[str] = set()
-        for _ in range(MAX_HOPS):
-            device, worker = await self.router.pick(model, avoid)
-            try:
-                if not stream:
-                    return None, await worker.openai_once.remote(kind, body)
-                gen = worker.openai.options(num_returns="streaming").remote(kind, body)
-                return gen, await (await gen.__anext__())
-            except Exception as e:
-                await self.router.on_failure(e, model, device, avoid)
-            await self.router.refresh(force=True)
-        raise ServiceUnavailableError(f"no copy of {model!r} accepted the request; retry")
-
-    async def _relay(self, strings, cancel, model: str, t0: float):
-        """Pass vLLM's SSE strings through; a client that leaves cancels the
-        stream, which aborts the request inside vLLM."""
+    async def _relay(self, items, model: str, t0: float):
+        """Pass vLLM's SSE strings on, those that come together as one
+        message to Serve's proxy (``sse_batches``). A client that leaves
+        closes the stream, which aborts its engine requests wherever they
+        run."""
         stamps: list[float] = []
         finished = False
+        events = sse_batches(items)
         try:
-            async for sse in strings:
+            async for sse in events:
                 stamps.append(time.monotonic())
                 # Done once the last event is out: a client may hang up right
                 # after it, before the Ray stream reports its own end, and
@@ -185,13 +157,12 @@ class ShoalIngress(ShoalGrpcMixin):
                 finished = finished or sse.rstrip().endswith(SSE_DONE)
                 yield sse
             finished = True
-        except Exception as e:  # the worker died mid-stream: end with an error event
-            from cluster.openai_protocol import sse_error
-
-            yield sse_error(f"stream interrupted: {e}", 503)
+        except Exception:  # vLLM turns request failures into error events; not this
+            log.exception("OpenAI stream for %s broke", model)
+            yield sse_error("the stream was interrupted; retry the request", 503)
         finally:
-            if not finished:
-                cancel()
+            await events.aclose()  # stops ``items`` too, if still running
+            await items.aclose()
             self.metrics.request_done(model, 200 if finished else 499, t0, stamps,
                                       self.specs[model].slo)
 

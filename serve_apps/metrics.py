@@ -32,6 +32,9 @@ class FrontDoorMetrics:
                                 registry=r)
         self.slo_misses = Counter("shoal_slo_misses", "requests over their TTFT or TPOT SLO",
                                   ["model", "slo"], registry=r)
+        self.resumes = Counter("shoal_request_resumes", "requests continued on another copy "
+                               "mid-generation (cause: moved by an evacuation, or failed: its "
+                               "worker died)", ["model", "cause"], registry=r)
         r.register(_ControllerCollector(self))
 
     def request_done(self, model: str, status: int, t0: float, stamps: list[float],
@@ -51,6 +54,9 @@ class FrontDoorMetrics:
                 self.slo_misses.labels(model, "ttft").inc()
             if tpot is not None and tpot > slo.tpot_s:
                 self.slo_misses.labels(model, "tpot").inc()
+
+    def request_resumed(self, model: str, cause: str) -> None:
+        self.resumes.labels(model, cause).inc()
 
     def request_failed(self, model: str, err: Exception) -> None:
         self.requests.labels(model, str(getattr(err, "status", 500))).inc()

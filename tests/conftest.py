@@ -134,13 +134,22 @@ def free_port() -> int:
 
 
 ADMIN_KEY = "test-admin-key"
+# The front door's time-sharing device and its models (name -> checkpoint).
+TIMESHARED_DEVICE = "cpu-timeshare-fd"
+TIMESHARED_MODELS = {"ts-a": "tiny-llama-a", "ts-b": "tiny-llama-b"}
+# Shoal's slack-driven turns, re-judged every 20 ms: a long stream is
+# preempted whenever another model has work.
+TIMESHARED_TURNS = {"discipline": "token", "min_quota_s": 0.02, "max_round_s": 0.02}
 
 
 @pytest.fixture(scope="session")
 def front_door(ray_local, tiny_models, spec):
     """The whole app on the test cluster: Serve HTTP + gRPC proxies, the
-    controller, and 4 catalog models, all cold at the start (plus one that
-    can never be placed). Yields {"url", "grpc", "controller", "catalog"}."""
+    controller, and 4 catalog models on the two accelerator nodes, all cold
+    at the start (plus one that can never be placed), and two more
+    (``TIMESHARED_MODELS``) that only a time-sharing CPU device on the head
+    node takes, where they share one engine (one model's worth of memory).
+    Yields {"url", "grpc", "controller", "catalog"}."""
     from ray import serve
 
     from cluster.control.controller import get_controller
@@ -148,15 +157,22 @@ def front_door(ray_local, tiny_models, spec):
     from serve_apps.grpc_service import GRPC_SERVICER
 
     footprint = spec("tiny-llama-a").weights_bytes + KV_BYTES
-    models = [{"name": n, "path": str(tiny_models[n]), "family": "tiny-llama",
-               "kv_cache_bytes": KV_BYTES} for n in ("tiny-llama-a", "tiny-llama-b", "tiny-llama-c")]
+    on_gpus = {"kv_cache_bytes": KV_BYTES, "allowed_vendors": ["nvidia"]}
+    models = [{"name": n, "path": str(tiny_models[n]), "family": "tiny-llama", **on_gpus}
+              for n in ("tiny-llama-a", "tiny-llama-b", "tiny-llama-c")]
     models += [{"name": "tiny-qwen", "path": str(tiny_models["tiny-qwen"]), "family": "tiny-qwen",
-                "kv_cache_bytes": KV_BYTES},
+                **on_gpus},
                {"name": "needs-amd", "path": str(tiny_models["tiny-llama-a"]),
                 "family": "tiny-llama", "kv_cache_bytes": KV_BYTES, "allowed_vendors": ["amd"],
                 "load_timeout_s": 3}]
+    # Same checkpoints as tiny-llama-a/-b: their dedicated runs are the reference.
+    models += [{"name": n, "path": str(tiny_models[src]), "family": "tiny-llama",
+                "kv_cache_bytes": KV_BYTES, "allowed_vendors": ["cpu"]}
+               for n, src in TIMESHARED_MODELS.items()]
     catalog = {
         "models": models,
+        "cpu_devices": [{"id": TIMESHARED_DEVICE, "memory_bytes": footprint + 8 * MiB,
+                         "timeshare": TIMESHARED_TURNS}],
         "discovery": {"emulate_accelerators_on_cpu": True, "accelerators": {
             "A100": {"memory_bytes": 2 * footprint + 8 * MiB, "speed": 2.0, "cost_per_hour": 3.0},
             "L4": {"memory_bytes": 2 * footprint + 8 * MiB, "speed": 1.0, "cost_per_hour": 1.0}}},
@@ -176,3 +192,21 @@ def front_door(ray_local, tiny_models, spec):
     ray.get(c.shutdown_cluster.remote())
     serve.shutdown()
     ray.kill(c, no_restart=True)
+
+
+@pytest.fixture(scope="session")
+def client(front_door):
+    """The official ``openai`` client on the front door (no retries)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{front_door['url']}/v1", api_key="unused",
+                         max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def admin(front_door):
+    """An HTTP client for the front door's admin API, with the admin key."""
+    import httpx
+
+    return httpx.Client(base_url=front_door["url"], timeout=300,
+                        headers={"Authorization": f"Bearer {ADMIN_KEY}"})

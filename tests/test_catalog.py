@@ -45,6 +45,11 @@ def test_sizes_are_read_from_the_checkpoint(tiny_models):
     ({"discovery": {"accelerators": {"L4": {
         "memory_bytes": 1, "timeshare": {"min_quota_s": 5, "max_round_s": 1}}}}},
      "discovery.accelerators.L4.timeshare"),
+    ({"capacity": {"accelerators": {"H100": {}}}}, "capacity.accelerators.H100: no profile"),
+    ({"discovery": {"accelerators": {"H100": {"memory_bytes": 1}}},
+      "capacity": {"accelerators": {"H100": {"max_devices": 0}}}},
+     "capacity.accelerators.H100.max_devices"),
+    ({"capacity": {"release_idle_s": -1}}, "capacity.release_idle_s"),
 ])
 def test_invalid_catalog_names_the_field(bad, field):
     with pytest.raises(CatalogError, match=field.replace(".", r"\.")):

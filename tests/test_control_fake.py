@@ -39,16 +39,23 @@ def expected(model: str, n: int = GREEDY["max_tokens"]) -> list[int]:
     return [fake_token(model, PROMPT, i) for i in range(n)]
 
 
-def run(scenario):
-    """Run ``scenario(controller, fleet, router)`` on a fresh controller."""
+def run(scenario, cat: dict | None = None, fleet: FakeFleet | None = None):
+    """Run ``scenario(controller, fleet, router)`` on a fresh controller
+    (this module's catalog and devices unless given)."""
+    fleet = fleet or FakeFleet(devices())
+
     async def main():
-        fleet = FakeFleet(devices())
-        c = PlacementController(catalog(), fleet)
+        c = PlacementController(cat or catalog(), fleet)
         try:
             await c.status()  # ready: devices discovered, first poll done
             return await scenario(c, fleet, Router(LocalHandle(c)))
         finally:
             await c.shutdown_cluster()
+    import ray
+
+    # Run after the Ray tests, the suite's cluster is up already: then only
+    # a fake test run alone can show that it would have started Ray.
+    ray_before = ray.is_initialized()
     # A loop of its own, never installed as the thread's loop: asyncio.run
     # would leave the thread without one, and later tests (and Ray) that
     # call asyncio.get_event_loop() would then fail.
@@ -57,9 +64,7 @@ def run(scenario):
         return loop.run_until_complete(main())
     finally:
         loop.close()
-        import ray
-
-        assert not ray.is_initialized(), "a fake-fleet test started Ray"
+        assert ray.is_initialized() == ray_before, "a fake-fleet test started Ray"
 
 
 async def collect(stream) -> tuple[list[int], list[dict]]:
@@ -124,6 +129,22 @@ def test_a_dead_worker_is_replaced_its_models_re_placed_and_streams_resume():
         assert fleet.handles["cheap"] is not dead  # a fresh worker for the device
         await c.tick()
         assert all(d["alive"] for d in (await c.status())["devices"])
+    run(scenario)
+
+
+def test_requests_resuming_after_a_death_are_never_shed_by_the_cold_queue():
+    """More streams than the cold-start queue holds (4) lose their worker at
+    once: every one waits for the re-placed copy and finishes. The bound
+    sheds new arrivals only; shedding a resume would lose an accepted request."""
+    async def scenario(c, fleet, router):
+        await c.load("a", "cheap")
+        streams = [router.stream("a", PROMPT, sampling=GREEDY) for _ in range(6)]
+        heads = [[await s.__anext__()] for s in streams]
+        fleet.kill(fleet.handles["cheap"])
+        rests = await asyncio.gather(*(collect(s) for s in streams))
+        for head, (_, rest) in zip(heads, rests):
+            assert [t for ch in head + rest for t in ch["token_ids"]] == expected("a")
+        assert router.hops == 6
     run(scenario)
 
 

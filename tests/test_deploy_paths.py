@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from cluster.ops.lifecycle import REAP_ENV
+from cluster.testing.fake_autoscaler import kill_tree
 from tests.conftest import free_port
 from tests.helpers import wait_until
 
@@ -50,29 +51,8 @@ def head():
     # `shoal down` first: engines shut down cleanly, then nothing is left to kill.
     subprocess.run([BIN / "shoal", "down"], cwd=ROOT, capture_output=True, timeout=300,
                    env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"})
-    _kill_tree(temp)
+    kill_tree(temp)
     shutil.rmtree(temp, ignore_errors=True)
-
-
-def _kill_tree(temp: str) -> None:
-    """Kill this cluster's processes: those naming its temp dir (GCS,
-    raylet, agents) and all their descendants (workers rename themselves
-    ``ray::...``, and vLLM engine processes hang below them)."""
-    table = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True,
-                           text=True).stdout.splitlines()
-    rows = [(int(p), int(pp), args) for p, pp, args in (r.split(None, 2) for r in table
-                                                         if len(r.split(None, 2)) == 3)]
-    doomed = {p for p, _, args in rows if temp in args and p != os.getpid()}
-    grew = True
-    while grew:
-        more = {p for p, pp, _ in rows if pp in doomed} - doomed
-        doomed |= more
-        grew = bool(more)
-    for p in doomed:
-        try:
-            os.kill(p, 9)
-        except ProcessLookupError:
-            pass
 
 
 def test_ray_job_submit_serve_run_shipped_yaml(head):

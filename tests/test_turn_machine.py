@@ -23,8 +23,7 @@ def run_turn(m: TurnMachine, model: str, t: float, step_s: float, steps: int) ->
     """Begin ``model``'s turn at ``t`` and decode ``steps`` steps of its batch."""
     batch = m.begin(model, t, t)
     for r in batch:
-        if not r.exclusive:
-            m.segment_started(r)
+        m.segment_started(r)
     for _ in range(steps):
         t += step_s
         for r in batch:
@@ -59,19 +58,23 @@ def test_a_request_of_the_running_model_joins_its_turn_at_once():
     assert m.arrive(late) and late.in_engine
 
 
-def test_an_exclusive_lease_keeps_the_turn_while_others_wait():
-    m = machine(AEGAEON, min_quota_s=0.01, max_round_s=0.05)
-    lease = TurnRequest("lease", "a", 0.0, 1, exclusive=True)
-    m.arrive(lease)
-    m.arrive(TurnRequest("r2", "b", 0.0, 50))
-    m.switched("a", 0.01)  # something measured: quotas are short
+@pytest.mark.parametrize("discipline", [TOKEN, AEGAEON])
+def test_a_turn_never_ends_before_each_of_its_requests_has_moved(discipline):
+    """A re-prefill longer than the quota: the turn waits for the resumed
+    request's first output, however late, before it may end. Without that,
+    short turns and long contexts keep the device busy with no progress."""
+    m = machine(discipline, min_quota_s=0.01, max_round_s=0.05)
+    a, b = TurnRequest("r1", "a", 0.0, 500), TurnRequest("r2", "b", 0.0, 500)
+    m.arrive(a)
+    m.arrive(b)
+    m.switched("a", 0.01)
     m.switched("b", 0.01)
     assert m.pick(0.0) == "a"
     m.begin("a", 0.0, 0.0)
-    assert isinstance(m.judge(10.0), Keep)  # far past any quota, still held
-    m.drop(lease)
-    assert m.holds["a"] == 0
-    assert m.judge(10.0) == EndTurn()  # nothing of a's left
+    m.segment_started(a)
+    assert isinstance(m.judge(10.0), Keep)  # long past any quota: a has not moved
+    m.delivered(a, 1, 10.0)
+    assert isinstance(m.judge(10.02), EndTurn)  # it has: b's turn may come
 
 
 def test_aegaeon_ends_a_turn_at_its_quota_when_others_wait():
@@ -81,7 +84,9 @@ def test_aegaeon_ends_a_turn_at_its_quota_when_others_wait():
     m.switched("a", 0.05)
     m.switched("b", 0.05)
     m.pick(0.0)
-    m.begin("a", 0.0, 0.0)
+    (a,) = m.begin("a", 0.0, 0.0)
+    m.segment_started(a)
+    m.delivered(a, 1, 0.001)  # its prefill is done: the turn may end at its quota
     quota = m.est["a"].quota_s
     assert 0.01 <= quota <= 1.0
     assert m.judge(quota / 2) == Keep(pytest.approx(quota / 2))

@@ -72,25 +72,16 @@ def _direct(path: str, n: int) -> list[float]:
 
 def run_overhead_bench(models_dir: str = ".shoal/models", requests: int = 30,
                        port: int = 8011) -> dict:
-    import ray
-    from ray import serve
-
     from cluster.testing.tiny_models import make_test_models
 
     path = str(make_test_models(Path(models_dir), [MODEL])[MODEL].resolve())
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
+    with servers.ray_serve(port):
         direct = _direct(path, requests)
-        with servers.shoal(path, MODEL, port) as url:
+        with servers.shoal(servers.one_model_catalog(path, MODEL), port) as url:
             shoal = _timed(lambda: _post(f"{url}/v1/completions", MODEL), requests)
         with servers.rayserve_llm(path, MODEL, port) as url:
             rayllm = _timed(lambda: _post(f"{url}/v1/completions", MODEL), requests)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     p50 = {k: statistics.median(v) for k, v in
            {"direct": direct, "shoal": shoal, "rayserve_llm": rayllm}.items()}
     return {

@@ -94,9 +94,6 @@ def run_serve_bench(models_dir: str = ".shoal/models", concurrencies=(1, 8, 32),
                     prompts: int = 64, repeats: int = 2, port: int = 8012,
                     plot: str | None = "bench-results/serve.png",
                     which: tuple[str, ...] = SERVERS) -> dict:
-    import ray
-    from ray import serve
-
     from cluster.testing.tiny_models import make_test_models
 
     path = str(make_test_models(Path(models_dir), [MODEL])[MODEL].resolve())
@@ -116,19 +113,13 @@ def run_serve_bench(models_dir: str = ".shoal/models", concurrencies=(1, 8, 32),
         with servers.vllm_server(path, MODEL, port + 1) as url:
             sweep("vllm", url)
     if {"rayserve_llm", "shoal"} & set(which):
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        try:
+        with servers.ray_serve(port):
             if "rayserve_llm" in which:
                 with servers.rayserve_llm(path, MODEL, port) as url:
                     sweep("rayserve_llm", url)
             if "shoal" in which:
-                with servers.shoal(path, MODEL, port) as url:
+                with servers.shoal(servers.one_model_catalog(path, MODEL), port) as url:
                     sweep("shoal", url)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
     out = {"model": MODEL, "dataset": {"name": "random", "input_tokens": 64,
                                        "output_tokens": 64, "ignore_eos": True,
                                        "prompts": prompts},

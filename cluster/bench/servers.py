@@ -84,16 +84,39 @@ def rayserve_llm(path: str, model: str, port: int) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def shoal(path: str, model: str, port: int) -> Iterator[str]:
+def ray_serve(port: int) -> Iterator[None]:
+    """A local Ray instance with Serve's HTTP proxy on ``port``."""
+    import ray
+    from ray import serve
+
+    # address="local": a fresh instance even when another Ray cluster runs on
+    # this machine (ray.init would join it, and refuse num_cpus).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def one_model_catalog(path: str, model: str) -> dict:
+    """The catalog ``shoal`` serves in the serving benchmarks: one model on
+    one CPU device, engine settings as the peers'."""
+    return {"models": [{"name": model, "path": path, "family": "tiny-llama",
+                        "kv_cache_bytes": KV_BYTES, "max_model_len": MAX_MODEL_LEN}],
+            "cpu_devices": [{"id": "bench-cpu", "memory_bytes": 2**30}]}
+
+
+@contextlib.contextmanager
+def shoal(catalog: dict, port: int) -> Iterator[str]:
     import ray
     from ray import serve
 
     from cluster.control.controller import get_controller
     from serve_apps.app import build_app
 
-    catalog = {"models": [{"name": model, "path": path, "family": "tiny-llama",
-                           "kv_cache_bytes": KV_BYTES, "max_model_len": MAX_MODEL_LEN}],
-               "cpu_devices": [{"id": "bench-cpu", "memory_bytes": 2**30}]}
     serve.run(build_app({"catalog": catalog}), name="shoal", route_prefix="/shoal")
     try:
         yield f"http://127.0.0.1:{port}/shoal"

@@ -23,8 +23,14 @@ the sustainable rate and the token/request ratio are also given per repeat
 below, doubling above, up to ``MAX_BRACKET_STEPS``) until each discipline's
 sustainable rate lies inside it, so that the ratio is defined.
 
-The worker runs in this process, without Ray: the benchmark measures the
-device scheduler, not the transport, which both disciplines share anyway.
+The trace goes where users' requests go: through Shoal's OpenAI front door
+(the Serve app on a local Ray instance) with the ``openai`` client, every
+request a streamed completion. The controller places the first model on the
+device and every other one joins its engine (the policy's ``join`` step);
+the bench only retunes the device's discipline between sweeps and sets the
+models' SLOs on the worker. The policy is told to leave the models where
+they are (no hot models, no idle unloads, no consolidation): the bench
+measures the device's turns, not placement.
 """
 
 from __future__ import annotations
@@ -37,9 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+from cluster.bench import servers
 from cluster.catalog import SLO, ModelSpec, TimeshareConfig
-from cluster.engine.device import DeviceSpec
-from cluster.engine.worker import EngineWorker
 from cluster.testing.tiny_models import make_test_models
 
 MODELS = [f"tiny-llama-{x}" for x in "abcdefgh"]
@@ -54,6 +59,10 @@ OUTPUT_MEDIAN, OUTPUT_SIGMA, OUTPUT_MAX = 250, 1.0, 1800
 MAX_MODEL_LEN = 2048  # the tiny models' max_position_embeddings
 STEP_BATCH = 8  # the SLO scale's basis: a decode step at this batch size
 MAX_BRACKET_STEPS = 3  # halvings below / doublings above the swept rates
+DEVICE = "bench-timeshare"
+# Placement stays put while the bench runs: nothing is ever hot, idle or
+# worth consolidating, so every model stays a member of the one engine.
+STILL_POLICY = {"hot_rate": 1e9, "cold_rate": 1e9, "idle_unload_s": 1e9, "consolidate": False}
 
 
 def make_trace(rate: float, n: int, seed: int, vocab: int,
@@ -77,19 +86,43 @@ def make_trace(rate: float, n: int, seed: int, vocab: int,
     return out
 
 
-async def _one(worker: EngineWorker, req: dict, t0: float) -> dict:
+class FrontDoor:
+    """The bench's way in: the OpenAI endpoint, and the device's worker for
+    its knobs (discipline, SLOs) and its scheduler's totals."""
+
+    def __init__(self, url: str, worker):
+        from openai import AsyncOpenAI
+
+        self.client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                  timeout=3600)
+        self.worker = worker
+
+    async def totals(self):
+        (group,) = (await self.worker.stats.remote()).groups.values()
+        return group
+
+
+async def _one(door: FrontDoor, req: dict, t0: float) -> dict:
+    """One streamed completion: TTFT to the first text, TPOT over the rest
+    of the tokens (usage counts them: one chunk may carry several)."""
     await asyncio.sleep(max(0.0, t0 + req["at"] - time.monotonic()))
     sent = time.monotonic()
-    times, n = [], 0
-    async for chunk in worker.generate(req["model"], prompt_token_ids=req["prompt_token_ids"],
-                                       sampling={"temperature": 0.0, "ignore_eos": True,
-                                                 "max_tokens": req["max_tokens"]}):
-        if chunk["token_ids"]:
-            times.append(time.monotonic())
-            n += len(chunk["token_ids"])
-    ttft = times[0] - sent
-    tpot = (times[-1] - times[0]) / (n - 1) if n > 1 else 0.0
-    return {"ttft_s": ttft, "tpot_s": tpot, "tokens": n}
+    first = last = None
+    n = 0
+    stream = await door.client.completions.create(
+        model=req["model"], prompt=req["prompt_token_ids"], max_tokens=req["max_tokens"],
+        temperature=0.0, stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            last = time.monotonic()
+            first = first or last
+        if chunk.usage is not None:
+            n = chunk.usage.completion_tokens
+    if first is None or n != req["max_tokens"]:
+        raise RuntimeError(f"request {req['id']}: {n} of {req['max_tokens']} tokens")
+    tpot = (last - first) / (n - 1) if n > 1 else 0.0
+    return {"ttft_s": first - sent, "tpot_s": tpot, "tokens": n}
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -100,14 +133,13 @@ def _pct(xs: list[float], p: float) -> float:
 _TOTALS = ("switches", "preemptions", "swap_s", "restart_s", "busy_s")
 
 
-async def _replay(worker: EngineWorker, trace: list[dict]) -> tuple[list[dict], dict, float]:
+async def _replay(door: FrontDoor, trace: list[dict]) -> tuple[list[dict], dict, float]:
     """One replay: per-request results, the scheduler's totals over it, wall time."""
-    (sched,) = worker.pool.groups.values()
-    before = sched.stats()
+    before = await door.totals()
     t0 = time.monotonic()
-    results = await asyncio.gather(*(_one(worker, r, t0) for r in trace))
+    results = await asyncio.gather(*(_one(door, r, t0) for r in trace))
     wall = time.monotonic() - t0
-    after = sched.stats()
+    after = await door.totals()
     return list(results), {k: getattr(after, k) - getattr(before, k) for k in _TOTALS}, wall
 
 
@@ -126,13 +158,13 @@ def _row(results: list[dict], d: dict, wall: float, slo: SLO) -> dict:
             "duration_s": round(wall, 2)}
 
 
-async def _measure(worker: EngineWorker, rate: float, requests: int, seeds: list[int],
+async def _measure(door: FrontDoor, rate: float, requests: int, seeds: list[int],
                    vocab: int, output: tuple[float, float, int], slo: SLO) -> dict:
     """One rate, one trace per seed (a repeat each): the row pools every
     repeat's requests; ``attainment_by_repeat`` shows the spread."""
     pooled, totals, wall, per_repeat = [], dict.fromkeys(_TOTALS, 0.0), 0.0, []
     for seed in seeds:
-        results, d, w = await _replay(worker, make_trace(rate, requests, seed, vocab, output))
+        results, d, w = await _replay(door, make_trace(rate, requests, seed, vocab, output))
         per_repeat.append(_row(results, d, w, slo)["slo_attainment"])
         pooled += results
         totals = {k: totals[k] + d[k] for k in _TOTALS}
@@ -169,13 +201,13 @@ def sustainable(by_rate: list[dict]) -> float:
     return best
 
 
-async def _one_step(worker: EngineWorker, seed: int) -> float:
-    req = {"at": 0.0, "model": MODELS[0], "max_tokens": 64,
+async def _one_step(door: FrontDoor, seed: int) -> float:
+    req = {"at": 0.0, "model": MODELS[0], "max_tokens": 64, "id": f"step{seed}",
            "prompt_token_ids": [16 + (seed * 7 + i) % 400 for i in range(32)]}
-    return (await _one(worker, req, time.monotonic()))["tpot_s"]
+    return (await _one(door, req, time.monotonic()))["tpot_s"]
 
 
-async def _measure_step(worker: EngineWorker, batch: int = STEP_BATCH, runs: int = 3) -> float:
+async def _measure_step(door: FrontDoor, batch: int = STEP_BATCH, runs: int = 3) -> float:
     """Decode seconds per step of one model with ``batch`` requests at once,
     as its requests see it (the gap between their tokens): the least of the
     per-round medians over ``runs`` rounds after a warm-up. The least, since
@@ -183,92 +215,116 @@ async def _measure_step(worker: EngineWorker, batch: int = STEP_BATCH, runs: int
     and a slow basis would loosen every SLO."""
     per_run = []
     for k in range(runs + 1):
-        gaps = await asyncio.gather(*(_one_step(worker, k * batch + i) for i in range(batch)))
+        gaps = await asyncio.gather(*(_one_step(door, k * batch + i) for i in range(batch)))
         per_run.append(statistics.median(gaps))
     return min(per_run[1:])
 
 
-async def _bench(models_dir: str, rates: list[float], requests: int, seed: int,
-                 plot: str | None, disciplines: tuple[str, ...],
+def _catalog(models_dir: str) -> tuple[dict, int]:
+    """Eight same-family models, one time-sharing CPU device that holds one
+    model's footprint; the footprint."""
+    paths = make_test_models(models_dir, MODELS)
+    models = [{"name": m, "path": str(paths[m].resolve()), "family": "tiny-llama",
+               "max_model_len": MAX_MODEL_LEN, "kv_cache_bytes": KV_BYTES} for m in MODELS]
+    footprint = ModelSpec(**models[0]).resolved().weights_bytes + KV_BYTES
+    return {"models": models,
+            "cpu_devices": [{"id": DEVICE, "memory_bytes": footprint + 2**20,
+                             "timeshare": {"discipline": "token"}}],
+            "controller": {"policy_config": STILL_POLICY}}, footprint
+
+
+async def _place(door: FrontDoor) -> float:
+    """One request per model, in turn: the first starts the device's engine,
+    the others join it. Seconds it took."""
+    t = time.monotonic()
+    for i, m in enumerate(MODELS):
+        await _one(door, {"at": 0.0, "model": m, "max_tokens": 2, "id": f"place{i}",
+                          "prompt_token_ids": [16 + i, 17, 18, 19]}, time.monotonic())
+    return time.monotonic() - t
+
+
+async def _sweep(door: FrontDoor, disc: str, rates: list[float], bracket: bool,
+                 measure_rate, repeats: int) -> dict:
+    """One discipline over the swept rates, bracketing its sustainable rate."""
+    rows: list[dict] = []
+
+    async def measure(rate: float) -> None:
+        row = await measure_rate(rate)
+        rows.append(row)
+        print(f"[timeshare] {disc:7s} rate {rate:6.3f}/s: attainment "
+              f"{row['slo_attainment']:.2f} by repeat {row['attainment_by_repeat']} "
+              f"(TTFT misses {row['ttft_misses']}, TPOT misses {row['tpot_misses']})",
+              file=sys.stderr)
+
+    for rate in sorted(rates):
+        await measure(rate)
+    # Bracket the sustainable rate: halve below the sweep while even its
+    # lowest rate misses the goal, double above while its highest still
+    # meets it, so the ratio of the two disciplines is defined.
+    while bracket and sustainable(rows) == 0 and min(r["rate"] for r in rows) / 2 >= \
+            min(rates) / 2 ** MAX_BRACKET_STEPS:
+        await measure(min(r["rate"] for r in rows) / 2)
+    while bracket and sustainable(rows) == max(r["rate"] for r in rows) and \
+            max(r["rate"] for r in rows) * 2 <= max(rates) * 2 ** MAX_BRACKET_STEPS:
+        await measure(max(r["rate"] for r in rows) * 2)
+    rows.sort(key=lambda r: r["rate"])
+    return {"sustainable_rate": sustainable(rows),
+            "sustainable_rate_by_repeat": [
+                sustainable([{**r, "slo_attainment": r["attainment_by_repeat"][i]}
+                             for r in rows]) for i in range(repeats)],
+            "by_rate": rows}
+
+
+async def _bench(url: str, worker, catalog: dict, footprint: int, rates: list[float],
+                 requests: int, seed: int, plot: str | None, disciplines: tuple[str, ...],
                  output: tuple[float, float, int], repeats: int, bracket: bool) -> dict:
     seeds = [seed + 1000 * i for i in range(repeats)]
-    paths = make_test_models(models_dir, MODELS)
-    specs = [ModelSpec(name=m, path=str(paths[m]), family="tiny-llama",
-                       max_model_len=MAX_MODEL_LEN,
-                       kv_cache_bytes=KV_BYTES).resolved() for m in MODELS]
-    footprint = specs[0].weights_bytes + KV_BYTES
-    device = DeviceSpec("bench-timeshare", "cpu", footprint + 2**20,
-                        timeshare=TimeshareConfig(discipline="token"))
-    worker = EngineWorker(device)
-    try:
-        t = time.monotonic()
-        for s in specs:  # the first starts the engine; the rest join and are prepared
-            await worker.load(s)
-        setup_s = time.monotonic() - t
-        vocab = json.loads((paths[MODELS[0]] / "config.json").read_text())["vocab_size"]
-        step = await _measure_step(worker)
-        scale = step / AEGAEON_STEP_S
-        slo = SLO(ttft_s=AEGAEON_SLO["ttft_s"] * scale, tpot_s=AEGAEON_SLO["tpot_s"] * scale)
-        for m in MODELS:
-            worker.set_slo(m, slo.model_dump())
-        print(f"[timeshare] measured step {step * 1e3:.2f} ms at batch {STEP_BATCH}: "
-              f"SLO TTFT {slo.ttft_s:.3f} s, TPOT {slo.tpot_s * 1e3:.2f} ms", file=sys.stderr)
-        # Aegaeon's round bound is in the same units as its SLOs: scale it too.
-        max_round_s = TimeshareConfig().max_round_s * scale
-        out: dict = {"models": len(MODELS), "device_budget_bytes": device.memory_bytes,
-                     "model_footprint_bytes": footprint, "engines": len(worker.pool.shells),
-                     "setup_s": round(setup_s, 2),
-                     "slo": {"ttft_s": round(slo.ttft_s, 4), "tpot_s": round(slo.tpot_s, 4),
-                             "scale": round(scale, 4), "measured_step_s": round(step, 5),
-                             "max_round_s": round(max_round_s, 4),
-                             "step_batch": STEP_BATCH,
-                             "basis": "Aegaeon TTFT 10 s / TPOT 100 ms at a ~25 ms step"},
-                     "trace": {"seeds": seeds, "requests_per_rate": requests * repeats,
-                               "requests_per_repeat": requests, "rates": rates,
-                               "bracketed": bracket,
-                               "arrivals": "poisson", "models": "uniform",
-                               "output_tokens": {"lognormal_median": output[0],
-                                                 "sigma": output[1], "min": 8, "max": output[2]},
-                               "prompt_tokens": "16-96"}}
-        for disc in disciplines:
-            worker.set_timeshare({"discipline": disc, "max_round_s": max_round_s,
-                                  "min_quota_s": min(TimeshareConfig().min_quota_s,
-                                                     max_round_s)})
-            rows: list[dict] = []
-
-            async def measure(rate: float) -> None:
-                row = await _measure(worker, rate, requests, seeds, vocab, output, slo)
-                rows.append(row)
-                print(f"[timeshare] {disc:7s} rate {rate:6.3f}/s: attainment "
-                      f"{row['slo_attainment']:.2f} by repeat {row['attainment_by_repeat']} "
-                      f"(TTFT misses {row['ttft_misses']}, TPOT misses {row['tpot_misses']})",
-                      file=sys.stderr)
-
-            for rate in sorted(rates):
-                await measure(rate)
-            # Bracket the sustainable rate: halve below the sweep while even
-            # its lowest rate misses the goal, double above while its
-            # highest still meets it, so the ratio below is defined.
-            while bracket and sustainable(rows) == 0 and min(r["rate"] for r in rows) / 2 >= \
-                    min(rates) / 2 ** MAX_BRACKET_STEPS:
-                await measure(min(r["rate"] for r in rows) / 2)
-            while bracket and sustainable(rows) == max(r["rate"] for r in rows) and \
-                    max(r["rate"] for r in rows) * 2 <= max(rates) * 2 ** MAX_BRACKET_STEPS:
-                await measure(max(r["rate"] for r in rows) * 2)
-            rows.sort(key=lambda r: r["rate"])
-            out[disc] = {"sustainable_rate": sustainable(rows),
-                         "sustainable_rate_by_repeat": [
-                             sustainable([{**r, "slo_attainment": r["attainment_by_repeat"][i]}
-                                          for r in rows]) for i in range(len(seeds))],
-                         "by_rate": rows}
-        if "token" in out and "request" in out:
-            out.update(_goal(out["token"], out["request"]))
-        if plot:
-            out["plot"] = _plot(out, plot)
-        _table(out)
-        return out
-    finally:
-        await worker.shutdown()
+    door = FrontDoor(url, worker)
+    setup_s = await _place(door)
+    stats = await worker.stats.remote()
+    if len(stats.shells) != 1 or len(stats.models) != len(MODELS):
+        raise RuntimeError(f"expected {len(MODELS)} models in one engine, found "
+                           f"{len(stats.models)} in {len(stats.shells)}")
+    first = catalog["models"][0]["path"]
+    vocab = json.loads((Path(first) / "config.json").read_text())["vocab_size"]
+    step = await _measure_step(door)
+    scale = step / AEGAEON_STEP_S
+    slo = SLO(ttft_s=AEGAEON_SLO["ttft_s"] * scale, tpot_s=AEGAEON_SLO["tpot_s"] * scale)
+    for m in MODELS:
+        await worker.set_slo.remote(m, slo.model_dump())
+    print(f"[timeshare] measured step {step * 1e3:.2f} ms at batch {STEP_BATCH}: "
+          f"SLO TTFT {slo.ttft_s:.3f} s, TPOT {slo.tpot_s * 1e3:.2f} ms", file=sys.stderr)
+    # Aegaeon's round bound is in the same units as its SLOs: scale it too.
+    max_round_s = TimeshareConfig().max_round_s * scale
+    out: dict = {"models": len(MODELS), "path": "OpenAI front door, openai client, streamed",
+                 "device_budget_bytes": catalog["cpu_devices"][0]["memory_bytes"],
+                 "model_footprint_bytes": footprint, "engines": len(stats.shells),
+                 "setup_s": round(setup_s, 2),
+                 "slo": {"ttft_s": round(slo.ttft_s, 4), "tpot_s": round(slo.tpot_s, 4),
+                         "scale": round(scale, 4), "measured_step_s": round(step, 5),
+                         "max_round_s": round(max_round_s, 4),
+                         "step_batch": STEP_BATCH,
+                         "basis": "Aegaeon TTFT 10 s / TPOT 100 ms at a ~25 ms step"},
+                 "trace": {"seeds": seeds, "requests_per_rate": requests * repeats,
+                           "requests_per_repeat": requests, "rates": rates,
+                           "bracketed": bracket,
+                           "arrivals": "poisson", "models": "uniform",
+                           "output_tokens": {"lognormal_median": output[0],
+                                             "sigma": output[1], "min": 8, "max": output[2]},
+                           "prompt_tokens": "16-96"}}
+    for disc in disciplines:
+        await worker.set_timeshare.remote({
+            "discipline": disc, "max_round_s": max_round_s,
+            "min_quota_s": min(TimeshareConfig().min_quota_s, max_round_s)})
+        out[disc] = await _sweep(door, disc, rates, bracket,
+                                 lambda rate: _measure(door, rate, requests, seeds, vocab,
+                                                       output, slo), len(seeds))
+    if "token" in out and "request" in out:
+        out.update(_goal(out["token"], out["request"]))
+    if plot:
+        out["plot"] = _plot(out, plot)
+    _table(out)
+    return out
 
 
 def _table(out: dict) -> None:
@@ -312,7 +368,7 @@ def _plot(out: dict, path: str) -> str:
 
 def run_timeshare_bench(models_dir: str, rates: list[float], requests: int = 40,
                         seed: int = 0, plot: str | None = "timeshare.png",
-                        repeats: int = 2, bracket: bool = True,
+                        repeats: int = 2, bracket: bool = True, port: int = 8013,
                         disciplines: tuple[str, ...] = ("token", "request"),
                         output: tuple[float, float, int] = (OUTPUT_MEDIAN, OUTPUT_SIGMA,
                                                             OUTPUT_MAX)) -> dict:
@@ -323,5 +379,12 @@ def run_timeshare_bench(models_dir: str, rates: list[float], requests: int = 40,
         raise ValueError(f"output max must be in [8, {MAX_MODEL_LEN - 100}], got {output[2]}")
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    return asyncio.run(_bench(models_dir, rates, requests, seed, plot, tuple(disciplines),
-                              output, repeats, bracket))
+    import ray
+
+    from cluster.control.fleet import NAMESPACE, worker_actor_name
+
+    catalog, footprint = _catalog(models_dir)
+    with servers.ray_serve(port), servers.shoal(catalog, port) as url:
+        worker = ray.get_actor(worker_actor_name(DEVICE), namespace=NAMESPACE)
+        return asyncio.run(_bench(url, worker, catalog, footprint, rates, requests, seed, plot,
+                                  tuple(disciplines), output, repeats, bracket))

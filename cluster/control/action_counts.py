@@ -11,7 +11,8 @@ from policies.actions import EVICTION_REASON
 SWAP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, float("inf"))
 _KIND = {"Load": "load", "ScaleOut": "load", "Wake": "load", "Swap": "swap",
          "Migrate": "migrate", "Park": "park", "Unload": "unload", "ScaleIn": "unload",
-         "RequestCapacity": "capacity_request"}
+         "RequestCapacity": "capacity_request", "SetCapacity": "capacity_request",
+         "ReleaseDevice": "release_device", "ReclaimDevice": "reclaim_device"}
 
 
 class ActionCounts:

@@ -8,29 +8,39 @@ The order of steps is what keeps requests safe:
 - a migration is make-before-break: the target copy is active before the
   routes switch, and only then does the source drain and unload. If the
   target cannot be made, the source is untouched.
+
+The elastic actions go to the controller's hooks (``ElasticHooks``):
+``SetCapacity`` sends the standing request to Ray's autoscaler,
+``ReleaseDevice`` stops an empty device's worker so its node can go, and
+``ReclaimDevice`` starts one again on a released device still up.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
 from cluster.engine.contract import ModelState
-from policies.actions import (Action, Load, Migrate, Park, RequestCapacity, ScaleIn, ScaleOut,
-                              Swap, Unload, Wake)
+from policies.actions import (Action, Load, Migrate, Park, ReclaimDevice, ReleaseDevice, ScaleIn,
+                              ScaleOut, SetCapacity, Swap, Unload, Wake)
 
-log = logging.getLogger(__name__)
+
+class ElasticHooks(Protocol):
+    def set_capacity(self, a: SetCapacity) -> dict: ...
+
+    async def release_device(self, device: str) -> dict: ...
+
+    async def reclaim_device(self, device: str) -> dict: ...
 
 
 class Actuator:
     def __init__(self, worker: Callable[[str], object], spec: Callable[[str], dict],
                  unroute: Callable[[str, str], Awaitable[None]],
-                 refresh: Callable[[], Awaitable[None]]):
+                 refresh: Callable[[], Awaitable[None]], elastic: ElasticHooks):
         self.worker = worker  # device id -> engine-worker actor handle
         self.spec = spec  # model name -> ModelSpec as a dict
         self.unroute = unroute  # take (model, device) out of the route table now
         self.refresh = refresh  # re-read worker stats and publish routes
-        self.capacity_requests: list[dict] = []
+        self.elastic = elastic  # the capacity side: the autoscaler and device release
 
     async def run(self, a: Action) -> object:
         """Execute ``a``; returns what the worker reported (for the action log)."""
@@ -55,8 +65,14 @@ class Actuator:
                     "moved_requests": moved}
         if isinstance(a, Migrate):
             return await self.migrate(a.model, a.source, a.target)
-        if isinstance(a, RequestCapacity):
-            return self.request_capacity(a)
+        if isinstance(a, SetCapacity):
+            return self.elastic.set_capacity(a)
+        if isinstance(a, ReleaseDevice):
+            return await self.elastic.release_device(a.device)
+        if isinstance(a, ReclaimDevice):
+            return await self.elastic.reclaim_device(a.device)
+        # RequestCapacity never gets here: the elastic layer folds the wants
+        # into the one standing request (SetCapacity).
         raise TypeError(f"unknown action {a!r}")
 
     async def migrate(self, model: str, source: str, target: str) -> dict:
@@ -75,25 +91,6 @@ class Actuator:
     async def _take_out(self, model: str, device: str) -> int:
         await self.unroute(model, device)
         return await self.worker(device).evacuate.remote(model)
-
-    def request_capacity(self, a: RequestCapacity) -> dict:
-        """Ask Ray's autoscaler for a node that fits the model (a hint; a
-        cluster without an autoscaler just records it)."""
-        bundle: dict[str, float] = {"CPU": 1}
-        if a.accelerators:
-            bundle = {"GPU": 1, f"accelerator_type:{a.accelerators[0]}": 0.001}
-        elif a.vendors and "cpu" not in a.vendors:
-            bundle = {"GPU": 1}
-        req = {"for_model": a.for_model, "memory_bytes": a.memory_bytes, "bundle": bundle}
-        self.capacity_requests = [r for r in self.capacity_requests
-                                  if r["for_model"] != a.for_model] + [req]
-        try:
-            from ray.autoscaler.sdk import request_resources
-
-            request_resources(bundles=[r["bundle"] for r in self.capacity_requests])
-        except Exception as e:  # no autoscaler reachable: keep the record only
-            log.warning("request_resources failed: %s", e)
-        return req
 
 
 def _devices_of(a) -> set[str]:

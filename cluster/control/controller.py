@@ -9,7 +9,13 @@ controller finds them again and rebuilds placements and routes from their
 
 Cold start: a request for a model with no active copy waits in a bounded
 per-model queue (``resolve``) while the policy loads it; a full queue or a
-timeout is a 503 with Retry-After.
+timeout is a 503 with Retry-After, and so, at once, is a model no device
+here may run and the autoscaler cannot add one for (``Elastic``).
+
+Elastic capacity (``cluster/control/elastic.py``): each round's placement
+actions come with the one standing request to Ray's autoscaler, and devices
+empty long enough are released (worker stopped, so the node can go) or
+taken back.
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ from typing import Any
 from cluster.catalog import Catalog, ModelSpec
 from cluster.control.action_counts import ActionCounts
 from cluster.control.actuator import Actuator, chains
+from cluster.control.elastic import Elastic
 from cluster.control.fleet import NAMESPACE, Fleet, RayFleet, is_actor_death
 from cluster.control.status import device_status, model_status
 from cluster.control.view_builder import build_view
 from cluster.engine.contract import ModelState, WorkerStats
 from cluster.engine.device import DeviceSpec
 from cluster.errors import (ColdStartQueueFullError, LoadTimeoutError, ModelNotActiveError,
-                            ShoalError, UnknownModelError, root_cause)
+                            NoCapacityError, ShoalError, UnknownModelError, root_cause)
 from policies import make_policy
 from policies.actions import Load, Migrate, Unload
 from policies.demand import DemandEstimator
@@ -45,6 +52,10 @@ RPC_TIMEOUT_S = 10.0  # one stats() poll of a worker gives up after this
 # worker that is forgotten while it still lives would be found again by the
 # next discovery with its models placed twice.
 UNRESPONSIVE_POLLS = 3
+# ... unless it has never answered yet: a worker on a node that just joined
+# may take minutes to start (process, runtime env) on a loaded or real
+# cluster; killing it after three polls would restart that from scratch.
+WORKER_START_GRACE_S = 300.0
 
 
 class PlacementController:
@@ -55,11 +66,14 @@ class PlacementController:
         self.cfg = self.catalog.controller
         self.specs: dict[str, ModelSpec] = {m.name: m for m in self.catalog.models}
         self.policy = make_policy(self.cfg.policy, **self.cfg.policy_config)
-        self.demand = DemandEstimator()
+        self.elastic = Elastic(self.catalog, self.policy, self.fleet, self._worker,
+                               self._drop_worker, self._rediscover)
+        self.demand = DemandEstimator(self.cfg.demand_half_life_s)
         self.devices: dict[str, DeviceSpec] = {}
         self.workers: dict[str, Any] = {}  # device id -> worker actor handle
         self.stats: dict[str, WorkerStats] = {}  # device id -> last worker stats()
         self._silent: dict[str, int] = {}  # device id -> polls unanswered in a row
+        self._born: dict[str, float] = {}  # device id -> when its worker was created here
         # Polls overlap (health loop, reconcile): a reply is applied only if
         # its poll was sent after the one that wrote the current stats, so a
         # slow, older reply never overwrites a newer state.
@@ -75,7 +89,8 @@ class PlacementController:
         self.problems: dict[str, str] = {}  # model -> why it could not be placed
         self.log: deque[dict] = deque(maxlen=200)  # recent actions
         self.counts = ActionCounts()  # for /metrics
-        self.actuator = Actuator(self._worker, self._spec_dict, self._unroute, self._poll)
+        self.actuator = Actuator(self._worker, self._spec_dict, self._unroute, self._poll,
+                                 self.elastic)
         self._lock = asyncio.Lock()  # one reconcile (decide + execute) at a time
         self._kick = asyncio.Event()
         self._ready = asyncio.Event()
@@ -83,15 +98,24 @@ class PlacementController:
         self._tasks = [loop.create_task(self._main()), loop.create_task(self._health())]
 
     # ------------------------------------------------------------ data path
-    async def resolve(self, model: str, timeout_s: float | None = None) -> dict:
-        """Routes for ``model``, waiting in the cold-start queue if needed."""
+    async def resolve(self, model: str, timeout_s: float | None = None,
+                      resuming: bool = False) -> dict:
+        """Routes for ``model``, waiting in the cold-start queue if needed.
+
+        ``resuming``: a request already accepted, continuing after its copy
+        went away. It is no new arrival, and the queue's bound (which sheds
+        new load early) does not apply: shedding it would lose the request."""
         spec = self._spec(model)
         await self._ready.wait()
-        self.demand.observe(model, time.time())
+        if not resuming:
+            self.demand.observe(model, time.time())
         if self.routes.get(model):
             return self.route_table()
+        why = self.elastic.why_unplaceable(spec, list(self.devices.values()))
+        if why is not None:
+            raise NoCapacityError(why, retry_after_s=30.0)
         waiting = self.waiters.setdefault(model, [])
-        if len(waiting) >= self.cfg.cold_queue_max:
+        if not resuming and len(waiting) >= self.cfg.cold_queue_max:
             raise ColdStartQueueFullError(
                 f"model {model!r} is loading and {len(waiting)} requests already wait for it "
                 f"(cold_queue_max={self.cfg.cold_queue_max})", retry_after_s=5.0)
@@ -183,7 +207,8 @@ class PlacementController:
             "models": [self.model_status(m) for m in sorted(self.specs)],
             "problems": dict(sorted(self.problems.items())),
             "recent_actions": list(self.log)[-20:],
-            "capacity_requests": self.actuator.capacity_requests,
+            "capacity_requests": self.elastic.wants(),
+            "capacity": self.elastic.status(),
         }
 
     def model_status(self, model: str) -> dict:
@@ -241,11 +266,17 @@ class PlacementController:
                 self._kick.set()
 
     async def _discover(self) -> None:
-        """(Re)read the fleet's devices; get or create a worker for every one."""
-        for dev in self.fleet.discover(self.catalog):
+        """(Re)read the fleet's devices; get or create a worker for every one
+        not released; forget devices whose node is gone."""
+        found = {d.id: d for d in self.fleet.discover(self.catalog)}
+        for gone in [d for d in self.devices if d not in found and d not in self.workers]:
+            del self.devices[gone]
+        for dev in found.values():
             if dev.id not in self.workers:
                 self.devices[dev.id] = dev
-                self.workers[dev.id] = self.fleet.worker(dev)
+                if dev.id not in self.elastic.released:
+                    self.workers[dev.id] = self.fleet.worker(dev)
+                    self._born[dev.id] = time.monotonic()
 
     async def _poll(self) -> list[str]:
         """Refresh every worker's stats; forget dead workers. Returns those lost.
@@ -269,7 +300,9 @@ class PlacementController:
                 self._silent.pop(dev, None)
                 continue
             self._silent[dev] = self._silent.get(dev, 0) + 1
-            if is_actor_death(res) or self._silent[dev] >= UNRESPONSIVE_POLLS:
+            starting = dev not in self.stats and \
+                time.monotonic() - self._born.get(dev, 0.0) < WORKER_START_GRACE_S
+            if is_actor_death(res) or (self._silent[dev] >= UNRESPONSIVE_POLLS and not starting):
                 lost.append(dev)
                 self._forget_worker(dev, res)
             else:
@@ -306,9 +339,16 @@ class PlacementController:
         for model in routes:
             self.displaced.discard(model)
             self.problems.pop(model, None)
-            for fut in self.waiters.get(model, []):
-                if not fut.done():
-                    fut.set_result(True)
+            released = [f for f in self.waiters.get(model, []) if not f.done()]
+            if released:
+                # A use without an arrival: the idle timer starts now, when
+                # they are served, not at their arrival; a cold start longer
+                # than idle_unload_s (a new node, a big model) would
+                # otherwise look idle the moment it is ready, and be unloaded
+                # before the requests that waited for it run.
+                self.demand.observe(model, time.time(), 0)
+            for fut in released:
+                fut.set_result(True)
 
     async def _unroute(self, model: str, device: str) -> None:
         self._unrouted.add((model, device))
@@ -326,7 +366,11 @@ class PlacementController:
             now = time.time()
             view = build_view(self.devices, self.stats, self.specs,
                               {m: self._demand(m, now) for m in self.specs})
-            actions = self.policy.decide(view, now)
+            spare = [self.devices[d] for d in sorted(self.elastic.released)
+                     if d in self.devices and d not in self.workers]
+            actions = self.elastic.decide(view, spare, now)
+            for model, why in self.elastic.state.unmet.items():
+                self.problems[model] = f"no capacity can be requested for it: {why}"
             done = await self._execute(actions)
             return [{k: v for k, v in d.items() if k != "exception"} for d in done]
 
@@ -348,22 +392,27 @@ class PlacementController:
 
         async def run_chain(chain: list[int]) -> None:
             for i in chain:  # in the policy's order: a park-load before its swap
+                t0 = time.monotonic()
                 try:
                     res = await self.actuator.run(actions[i])
                 except Exception as e:
                     res = e
-                done[i] = self._record(actions[i], res)  # logged as each one ends
+                done[i] = self._record(actions[i], res, time.monotonic() - t0)  # as each ends
 
         await asyncio.gather(*(run_chain(c) for c in chains(actions)))
         self._unrouted.clear()
         await self._poll()
         return [done[i] for i in range(len(actions))]
 
-    def _record(self, a, res) -> dict:
-        rec = {"at": time.time(), "action": repr(a), "reason": a.reason}
+    def _record(self, a, res, duration_s: float = 0.0) -> dict:
+        rec = {"at": time.time(), "action": repr(a), "reason": a.reason,
+               "duration_s": round(duration_s, 3)}
+        if isinstance(res, dict) and "moved_requests" in res:  # streams carried by a move
+            rec["moved_requests"] = res["moved_requests"]
         if isinstance(res, BaseException):
             res = root_cause(res)
             rec["error"] = f"{type(res).__name__}: {res}"
+            self.elastic.failed(a)
             model = getattr(a, "model", None) or getattr(a, "for_model", None)
             if model:
                 self.problems[model] = rec["error"]
@@ -374,6 +423,17 @@ class PlacementController:
             self.counts.count(a, res)
         self.log.append(rec)
         return {**rec, "exception": res} if "error" in rec else rec
+
+    async def _rediscover(self) -> None:
+        """A device came back into service: give it a worker, plan again."""
+        await self._discover()
+        self._kick.set()
+
+    def _drop_worker(self, device: str):
+        """Forget a released device's worker (the caller stops it); returns it."""
+        self.stats.pop(device, None)
+        self._silent.pop(device, None)
+        return self.workers.pop(device)
 
     def _fail_waiters(self, model: str, err: Exception) -> None:
         for fut in self.waiters.get(model, []):

@@ -1,8 +1,8 @@
 """Devices from Ray cluster resources.
 
-Every alive node's ``GPU`` (NVIDIA/AMD/Intel) and ``NPU`` (Ascend) units
-become one device each; its ``accelerator_type:<T>`` resource names the
-type. CPU devices are declared in the catalog (a memory slice of one node).
+Every alive node's ``GPU`` (NVIDIA/AMD/Intel GPUs), ``NPU`` (Ascend) and
+``HPU`` (Intel Gaudi) units become one device each; its
+``accelerator_type:<T>`` resource names the type. CPU devices are declared in the catalog (a memory slice of one node).
 Pure function of ``ray.nodes()`` output, so it is tested without a cluster.
 """
 
@@ -18,10 +18,25 @@ log = logging.getLogger(__name__)
 ACCEL_PREFIX = "accelerator_type:"
 
 
-def _vendor(resource: str, accel: str | None) -> tuple[str, str]:
+DEVICE_RESOURCES = ("GPU", "NPU", "HPU")
+
+
+def device_resource(accel: str) -> str:
+    """The Ray resource one device of accelerator type ``accel`` is counted in."""
+    a = accel.lower()
+    if a.startswith("ascend"):
+        return "NPU"
+    if a.startswith("intel-gaudi"):
+        return "HPU"
+    return "GPU"
+
+
+def vendor_of(resource: str, accel: str | None) -> tuple[str, str]:
     """(vendor, engine kind) for a device unit; Ray names AMD/Intel types by prefix."""
     if resource == "NPU":
         return "huawei", "npu"
+    if resource == "HPU":
+        return "intel", "hpu"
     a = (accel or "").lower()
     if a.startswith("amd"):
         return "amd", "rocm"
@@ -34,6 +49,13 @@ def node_matches(node: dict, selector: str) -> bool:
     """A catalog ``node`` value names a node by id, IP or a custom resource."""
     return selector in (node.get("NodeID"), node.get("NodeManagerAddress")) \
         or selector in node.get("Resources", {})
+
+
+def _short(node_id: str) -> str:
+    """A node's short name in device ids: the end of its id, not the start.
+    Ray's ids are random throughout, but the fake multi-node provider's all
+    begin with the same 51 "f"s and differ only at the end."""
+    return node_id[-8:]
 
 
 def _head(nodes: list[dict]) -> dict:
@@ -53,11 +75,11 @@ def discover_devices(nodes: list[dict], catalog: Catalog) -> list[DeviceSpec]:
         res = node.get("Resources", {})
         accel = next((k[len(ACCEL_PREFIX):] for k in sorted(res) if k.startswith(ACCEL_PREFIX)), None)
         prof = disc.accelerators.get(accel or "")
-        for resource in ("GPU", "NPU"):
+        for resource in DEVICE_RESOURCES:
             for i in range(int(res.get(resource, 0))):
-                vendor, kind = _vendor(resource, accel)
+                vendor, kind = vendor_of(resource, accel)
                 devices.append(DeviceSpec(
-                    id=f"{node['NodeID'][:8]}/{resource.lower()}{i}",
+                    id=f"{_short(node['NodeID'])}/{resource.lower()}{i}",
                     kind="cpu" if disc.emulate_accelerators_on_cpu else kind,
                     memory_bytes=prof.memory_bytes if prof else disc.default_accelerator_memory_bytes,
                     vendor=vendor, accelerator_type=accel, node_id=node["NodeID"],

@@ -34,7 +34,12 @@ class Fleet(Protocol):
         restarted controller finds its predecessor's), else a new one."""
 
     def kill(self, handle: Any) -> None:
-        """Stop a worker for good (``shoal down``, or one that hangs)."""
+        """Stop a worker for good (``shoal down``, a hung one, a released device)."""
+
+    def request_capacity(self, bundles: list[dict], label_selectors: list[dict]) -> None:
+        """Replace the standing request to the autoscaler: the cluster should
+        fit these bundles (one per device), each on a node whose labels match
+        its selector."""
 
 
 class RayFleet:
@@ -72,6 +77,15 @@ class RayFleet:
         import ray
 
         ray.kill(handle, no_restart=True)
+
+    def request_capacity(self, bundles: list[dict], label_selectors: list[dict]) -> None:
+        # Ray 2.60's SDK: with autoscaler v2 (RAY_enable_autoscaler_v2=1 on
+        # the head) the selectors pick node types by label; v1 drops them
+        # and matches the bundles' resources alone.
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles,
+                          bundle_label_selectors=label_selectors if any(label_selectors) else None)
 
 
 def is_actor_death(e: BaseException) -> bool:

@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Callable
 
 from cluster.control.fleet import is_actor_death
 from cluster.errors import ModelNotActiveError, RequestAbortedError, UnknownModelError
@@ -36,8 +36,12 @@ BACKPRESSURE = 4  # chunks a worker may run ahead of a slow client
 
 
 class Router:
-    def __init__(self, controller=None, resolve_timeout_s: float | None = None):
+    def __init__(self, controller=None, resolve_timeout_s: float | None = None,
+                 on_resume: Callable[[str, str], None] | None = None):
         self._controller = controller
+        # Told (model, cause) each time a request continues on another copy:
+        # "moved" (evacuated) or "failed" (its worker died, or the route was stale).
+        self.on_resume = on_resume
         self.resolve_timeout_s = resolve_timeout_s
         self.table: dict = {"version": -1, "routes": {}}
         self._rr = itertools.count()
@@ -62,7 +66,7 @@ class Router:
         generated: list[int] = []
         avoid: set[str] = set()
         for hop in range(MAX_HOPS + 1):
-            device, worker = await self.pick(model, avoid, arrival=hop == 0)
+            device, worker = await self.pick(model, avoid, arrival=hop == 0, resuming=hop > 0)
             if desc is None:
                 gen = worker.generate.options(
                     num_returns="streaming", _generator_backpressure_num_objects=BACKPRESSURE,
@@ -71,7 +75,7 @@ class Router:
                 gen = worker.resume.options(
                     num_returns="streaming", _generator_backpressure_num_objects=BACKPRESSURE,
                 ).remote(desc, generated)
-            finished = False
+            finished, cause = False, "moved"
             try:
                 async for ref in gen:
                     chunk = await ref
@@ -85,26 +89,30 @@ class Router:
                     if finished:
                         return
             except Exception as e:
+                cause = "failed"
                 await self.on_failure(e, model, device, avoid)
             finally:
                 if not finished:
                     cancel_stream(gen)  # the client left, or we moved on: stop that copy
             self.hops += 1
+            if self.on_resume is not None:
+                self.on_resume(model, cause)
             await self.refresh(force=True)
         raise RequestAbortedError(f"request {request_id!r} for {model!r} was moved "
                                   f"{MAX_HOPS} times without finishing; giving up")
 
     async def pick(self, model: str, avoid: set[str] = frozenset(),
-                   arrival: bool = True) -> tuple[str, Any]:
+                   arrival: bool = True, resuming: bool = False) -> tuple[str, Any]:
         """A copy of ``model`` to send a request to, loading it if cold.
 
         ``resolve`` counts its own arrivals; ones served from the cached
-        table are batched to the controller as demand."""
+        table are batched to the controller as demand. ``resuming``: for a
+        request already under way (never shed by the cold-start queue)."""
         copies = [c for c in self.table["routes"].get(model, []) if c[0] not in avoid]
         if copies and arrival:
             self._note_arrival(model)
         if not copies:
-            table = await _call(self.controller.resolve, model, self.resolve_timeout_s)
+            table = await _call(self.controller.resolve, model, self.resolve_timeout_s, resuming)
             self._adopt(table)
             copies = [c for c in self.table["routes"].get(model, []) if c[0] not in avoid] \
                 or self.table["routes"].get(model, [])

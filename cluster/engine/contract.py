@@ -118,6 +118,9 @@ class ShellStats:
     last_swap_path: str | None  # "prepared" or "reload" (None: never swapped)
     prepared_bytes: dict[str, int]  # host RAM of each model kept prepared in it
     engine_unfinished: int  # vLLM's own count: shows aborted requests are gone
+    # (park, swap) mechanisms this engine really has, best first
+    # (cluster/engine/platform.py): e.g. ("host-cache", "prepared") on CPU.
+    mechanisms: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,8 @@ class DeviceStats:
     memory_budget_bytes: int
     host_cache_bytes: int
     sleep_mode: bool
+    # The node's vLLM build, once the first engine found it (None before).
+    platform: str | None = None
 
 
 @dataclass(frozen=True)

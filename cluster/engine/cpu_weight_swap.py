@@ -171,6 +171,17 @@ class PreparedWeightsExtension:
     def shoal_prepared_swap_unsupported(self) -> str:
         return unsupported_reason(self.vllm_config, self.model_runner.get_model())
 
+    def shoal_capabilities(self) -> dict:
+        """What this engine's worker class really has (cluster/engine/platform.py):
+        out-of-tree platforms (vllm-ascend, vllm-gaudi) bring their own worker."""
+        def has(obj, name: str) -> bool:
+            return callable(getattr(obj, name, None))
+        reason = self.shoal_prepared_swap_unsupported()
+        return {"reload_weights": has(self, "reload_weights")
+                and has(self.model_runner, "reload_weights"),
+                "sleep": has(self, "sleep") and has(self, "wake_up"),
+                "prepared_swap": not reason, "prepared_swap_off_reason": reason}
+
     def shoal_capture(self, name: str) -> dict:
         prepared = capture(self.model_runner.get_model())
         self._shoal_store()[name] = prepared  # replaces (and frees) an older copy

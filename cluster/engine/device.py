@@ -16,7 +16,7 @@ from cluster.errors import OverBudgetError
 @dataclass(frozen=True)
 class DeviceSpec:
     id: str  # unique in the cluster, e.g. "node1/gpu0" or "cpu0"
-    kind: str  # "cpu", "cuda" or "rocm"
+    kind: str  # vLLM platform: "cpu", "cuda", "rocm", "npu" (Ascend), "hpu" (Gaudi), "xpu"
     memory_bytes: int  # budget engines on this device may reserve
     vendor: str = "cpu"  # "nvidia", "amd", "huawei", "intel", "cpu"
     accelerator_type: str | None = None  # Ray's string, e.g. "H100"
@@ -27,19 +27,6 @@ class DeviceSpec:
     claim: tuple[tuple[str, float], ...] = ()
     # Same-family models take turns on one engine (cluster/engine/timeshare.py); None = off.
     timeshare: TimeshareConfig | None = None
-
-
-def sleep_mode_supported(kind: str) -> bool:
-    """vLLM sleep mode (weights offloaded, KV discarded) exists on CUDA/ROCm only.
-
-    On CPU vLLM refuses ``enable_sleep_mode`` ("not supported on current
-    platform"), so parking there keeps the weights in the host cache instead.
-    """
-    if kind not in ("cuda", "rocm"):
-        return False
-    from vllm.platforms import current_platform  # GPU-only path, not run in CI
-
-    return current_platform.is_sleep_mode_available()
 
 
 @dataclass

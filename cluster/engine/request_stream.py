@@ -3,17 +3,21 @@
 ``run_stream`` is shared by ``generate`` and ``resume``: a fresh request is a
 resume from an empty token prefix. Chunks are plain dicts (they cross the
 Ray boundary); the first one carries the request description a caller needs
-to resume the request on another engine later.
+to resume the request on another engine later. A chunk carries every token
+made since the last one was sent (``cluster/coalesce.py``): the first token
+goes at once, later ones travel together within a 50 ms window.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import aclosing
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from cluster.coalesce import batches
 from cluster.errors import BadRequestError, PromptTooLongError, RequestAbortedError
 from policies.smoothing import ewma
 
@@ -33,7 +37,6 @@ class InflightRequest:
     first_token_at: float | None = None  # None while waiting for prefill
     abort_reason: str | None = None  # set when the worker ends the request
     moved: bool = False  # evacuated: the caller resumes it on another engine
-    resumable: bool = True  # False: vLLM's OpenAI layer holds its state (drained, not moved)
 
     def description(self) -> dict:
         """What ``resume`` needs to continue this request elsewhere."""
@@ -90,7 +93,7 @@ class RequestTracker:
     async def move_model(self, model: str, abort: Callable) -> int:
         """Stop every in-flight request of ``model`` so its caller resumes it
         elsewhere: each stream ends with a ``moved`` chunk instead of an error."""
-        victims = [r for r in self.inflight.values() if r.model == model and r.resumable]
+        victims = [r for r in self.inflight.values() if r.model == model]
         for r in victims:
             r.moved = True
         return await _stop_in_engine(victims, abort)
@@ -155,23 +158,29 @@ async def run_stream(tracker: RequestTracker, shell, max_model_len: int,
     n_generated, finished = len(generated), False
     last_at = None
     try:
-        async for out in _until_ended(shell.generate(ids, params, req.request_id), req):
-            o = out.outputs[0]
-            last_at = time.monotonic()
-            if req.first_token_at is None:
-                req.first_token_at = last_at
-            n_generated += len(o.token_ids)
-            tracker.record_tokens(req.model, len(o.token_ids))
-            finished = out.finished
-            if "request" in first:  # prompt tokens vLLM found in its prefix cache
-                first["num_cached_tokens"] = out.num_cached_tokens or 0
-            chunk = {**first, "token_ids": list(o.token_ids), "text": o.text,
-                     "finished": finished, "finish_reason": o.finish_reason,
-                     "stop_reason": o.stop_reason, "num_generated": n_generated}
-            if o.logprobs:
-                chunk["logprobs"] = logprob_rows(o.token_ids, o.logprobs, req.sampling)
-            yield chunk
-            first = {"num_generated": n_generated}
+        # Whatever the engine made since the last relay travels as one chunk.
+        outputs = _until_ended(shell.generate(ids, params, req.request_id), req)
+        async with aclosing(batches(outputs, send_now=lambda out: out.finished)) as groups:
+            async for group in groups:
+                last_at = time.monotonic()
+                if req.first_token_at is None:
+                    req.first_token_at = last_at
+                token_ids = [t for out in group for t in out.outputs[0].token_ids]
+                n_generated += len(token_ids)
+                tracker.record_tokens(req.model, len(token_ids))
+                last = group[-1].outputs[0]
+                finished = group[-1].finished
+                if "request" in first:  # prompt tokens vLLM found in its prefix cache
+                    first["num_cached_tokens"] = group[0].num_cached_tokens or 0
+                chunk = {**first, "token_ids": token_ids,
+                         "text": "".join(out.outputs[0].text for out in group),
+                         "finished": finished, "finish_reason": last.finish_reason,
+                         "stop_reason": last.stop_reason, "num_generated": n_generated}
+                if last.logprobs:
+                    chunk["logprobs"] = [row for out in group for row in logprob_rows(
+                        out.outputs[0].token_ids, out.outputs[0].logprobs, req.sampling)]
+                yield chunk
+                first = {"num_generated": n_generated}
         if finished:
             _observe(tracker, req, len(generated), n_generated, last_at)
         if req.abort_reason:

@@ -68,7 +68,8 @@ class Residency:
     async def wake(self, entry: ModelEntry) -> None:
         shell = self.pool.get(entry.shell_id)
         if shell is not None and shell.sleeping:
-            await self.pool.wake(shell, entry.spec)
+            cached = self.cache.get(entry.name) or self.cache.put(entry.name, entry.spec.path)
+            await self.pool.wake(shell, entry.spec, str(cached.dir))
             self.models.move(entry, ACTIVE)
             entry.draining = False
             return
@@ -89,7 +90,9 @@ class Residency:
             self.models.move(entry, PARKED)
             raise
         entry.shell_id, entry.draining = shell.id, False
-        if self.timeshare() is not None:  # it founds its family's group
+        # It founds its family's group, if the engine can swap weights in
+        # place (a platform without reload_weights cannot time-share).
+        if self.timeshare() is not None and shell.can_swap:
             self.pool.share(shell, lambda name: self._timeshare_switch(shell, name),
                             self._slo_of, self.timeshare())
             self.models.move(entry, TIMESHARED)
@@ -97,16 +100,20 @@ class Residency:
             self.models.move(entry, ACTIVE)
 
     async def park(self, entry: ModelEntry) -> None:
-        """Active -> parked, the weights kept in host RAM. GPU: vLLM sleep
-        mode offloads them and frees the device memory; the shell stays for
-        a fast wake. CPU: the shell is left vacant for the next same-family
-        model (``drop_vacant_shells`` frees it)."""
+        """Active -> parked, the weights kept in host RAM, by the best
+        mechanism the engine has (``cluster/engine/platform.py``). Sleep
+        mode (GPU, Ascend) frees the device memory and keeps the shell for a
+        fast wake. Without it (CPU) the shell is left vacant for the next
+        same-family model (``drop_vacant_shells`` frees it), or closed at
+        once if no model can be swapped into it."""
         self.require_idle(entry, "park")
         shell = self.pool.get(entry.shell_id)
-        if self.pool.sleep_mode:
+        if shell.caps.sleep_level() is not None:
             await self.pool.sleep(shell)
         else:
             shell.resident, entry.shell_id = None, None
+            if not shell.can_swap:
+                self.pool.close(shell)
         self.models.move(entry, PARKED)
 
     async def remove(self, entry: ModelEntry, member: bool) -> None:

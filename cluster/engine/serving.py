@@ -4,18 +4,15 @@
 - ``Lane`` (``cluster/engine/timeshare.py``): the model's view of a
   time-shared shell, whose scheduler runs its requests in its turns.
 
-The engine worker's request entry points (``generate``, ``resume``,
-``openai``) take a ``Serving`` and never ask which of the two they hold.
+The engine worker's request entry points (``generate``, ``resume``) take a ``Serving`` and never ask which of the two they hold.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any, AsyncContextManager, Protocol
+from typing import Any, Protocol
 
 from cluster.engine.shell import EngineShell
-from cluster.errors import ModelNotActiveError
 
 
 class Serving(Protocol):
@@ -28,9 +25,6 @@ class Serving(Protocol):
 
     def tokenize(self, text: str) -> list[int]:
         ...
-
-    def openai_layer(self) -> AsyncContextManager[Any]:
-        """vLLM's OpenAI serving objects for this model, held for one request."""
 
 
 class DedicatedServing:
@@ -47,12 +41,3 @@ class DedicatedServing:
 
     def tokenize(self, text: str) -> list[int]:
         return self.shell.tokenize(text)
-
-    @asynccontextmanager
-    async def openai_layer(self):
-        layer = await self.shell.openai(self.model, self.model_path)
-        if self.shell.resident != self.model:  # swapped out while it was built
-            raise ModelNotActiveError(f"model {self.model!r} left its engine; retry")
-        # The caller registers its request before its next await, so a swap
-        # (which needs the model idle) cannot slip in between.
-        yield layer

@@ -25,7 +25,8 @@ from typing import Any
 from cluster.catalog import ModelSpec
 from cluster.engine.checkpoint import CheckpointInfo
 from cluster.engine.cpu_weight_swap import EXTENSION_QUALNAME
-from cluster.errors import CheckpointError
+from cluster.engine.platform import EngineCaps
+from cluster.errors import CheckpointError, IncompatibleModelError
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +65,17 @@ class EngineShell:
         self.engine = engine
         self.swap_signature = info.swap_signature  # what may be swapped in
         self.resident: str | None = resident  # model whose weights are loaded
-        self.sleep_mode = sleep_mode  # vLLM sleep/wake available (GPU only)
+        self.sleep_mode = sleep_mode  # the platform has vLLM sleep mode (GPU, Ascend)
         self.sleeping = False
+        self.slept_level: int | None = None  # the level it sleeps at (2: reload on wake)
         self.tokenizer = engine.get_tokenizer()
-        # Prepared swaps (CPU): off until ``_enable_prepared_swaps`` says the
-        # engine supports them; the reason is kept for stats and logs.
+        # What this engine can do, as its worker says (``_probe``): nothing
+        # until probed. Prepared swaps (CPU) need it; the reason is kept.
+        self.caps = EngineCaps(sleep=False, reload_weights=False, prepared_swap=False)
         self.prepared_swaps = False
         self.prepared_swaps_off_reason = "not probed"
         self._prepared: dict[str, _Prepared] = {}
         self.last_swap_path: str | None = None  # RELOAD or PREPARED
-        self._openai = None  # vLLM's OpenAI serving objects, built on first use
 
     @classmethod
     async def start(cls, shell_id: str, spec: ModelSpec, info: CheckpointInfo,
@@ -114,22 +116,32 @@ class EngineShell:
                 f"{spec.path!r} ({info.architecture}): {type(e).__name__}: {e}"
             ) from None
         shell = cls(shell_id, engine, info, spec.name, sleep_mode)
-        await shell._enable_prepared_swaps(kwargs["worker_extension_cls"])
+        await shell._probe(kwargs["worker_extension_cls"])
         return shell
 
-    async def _enable_prepared_swaps(self, extension: str) -> None:
-        """Ask the engine whether prepared swaps are safe in it (CPU, eager, ...)."""
+    async def _probe(self, extension: str) -> None:
+        """Ask the engine's worker what it can do: reload_weights, sleep and
+        wake_up, a safe prepared swap (``cluster/engine/platform.py``)."""
         if extension != EXTENSION_QUALNAME:
             self.prepared_swaps_off_reason = f"engine_args set worker_extension_cls={extension!r}"
-            return
-        try:
-            reasons = await self.engine.collective_rpc("shoal_prepared_swap_unsupported")
-            reason = next((r for r in reasons if r), "")
-        except Exception as e:  # noqa: BLE001 - e.g. another vLLM version: just stay on RELOAD
-            reason = f"probe failed: {type(e).__name__}: {e}"
-        self.prepared_swaps, self.prepared_swaps_off_reason = not reason, reason
-        if reason:
-            log.info("shell %s: prepared swaps off: %s", self.id, reason)
+            probed = {"reload_weights": True, "sleep": True}  # cannot ask: vLLM's own worker
+        else:
+            try:
+                probed = (await self.engine.collective_rpc("shoal_capabilities"))[0]
+                self.prepared_swaps_off_reason = probed.get("prepared_swap_off_reason", "")
+            except Exception as e:  # noqa: BLE001 - e.g. another vLLM version
+                probed = {"reload_weights": True, "sleep": True}
+                self.prepared_swaps_off_reason = f"probe failed: {type(e).__name__}: {e}"
+        self.caps = EngineCaps.of(self.sleep_mode, probed)
+        self.prepared_swaps = self.caps.prepared_swap and self.caps.reload_weights
+        log.info("shell %s: park by %s, swap by %s%s", self.id, *self.caps.mechanisms(),
+                 f" (prepared swaps off: {self.prepared_swaps_off_reason})"
+                 if self.prepared_swaps_off_reason else "")
+
+    @property
+    def can_swap(self) -> bool:
+        """Can another model's weights be put into this engine in place?"""
+        return self.caps.reload_weights
 
     async def swap_in(self, name: str, weights_dir: str, *, use_prepared: bool = True) -> float:
         """Replace the resident weights with ``name``'s; returns seconds taken.
@@ -151,6 +163,9 @@ class EngineShell:
         token ids only, so without the reset the new model would reuse KV
         computed by the old one for the same prefix and answer wrongly.
         """
+        if not self.can_swap:
+            raise IncompatibleModelError(f"shell {self.id}: this platform's vLLM worker has no "
+                                         f"reload_weights, so weights cannot be swapped in place")
         t0 = time.perf_counter()
         self.resident = None  # half-swapped weights belong to no model
         self.last_swap_path = None
@@ -219,26 +234,25 @@ class EngineShell:
         held = self._prepared.get(name)
         return dict(held.summary) if held is not None else None
 
-    async def openai(self, name: str, model_path: str):
-        """vLLM's OpenAI serving layer for this engine, answering as ``name``."""
-        from cluster.engine.openai_serving import OpenAIServing
-
-        if self._openai is None:
-            self._openai = await OpenAIServing.create(self.engine, model_path, name)
-        self._openai.serve_as(name, model_path)
-        return self._openai
-
-    # --- GPU-only: vLLM sleep mode. Written against vLLM's documented API
+    # --- vLLM sleep mode (CUDA, ROCm, Ascend: where the platform and the
+    # engine's worker both have it). Written against vLLM's documented API
     # (AsyncLLM.sleep / wake_up); it cannot run on our CPU CI machines, where
-    # sleep_mode is False and these are never called.
+    # the platform has no sleep mode and these are never called.
     async def sleep(self) -> None:
-        await self.engine.sleep(level=1)  # weights to host RAM, KV discarded
-        self.sleeping = True
+        """Level 1: weights to host RAM, KV discarded. Level 2: weights
+        dropped too (they are in Shoal's host cache: ``wake`` reloads them)."""
+        level = self.caps.sleep_level()
+        await self.engine.sleep(level=level)
+        self.sleeping, self.slept_level = True, level
 
-    async def wake(self) -> None:
+    async def wake(self, weights_dir: str) -> None:
         await self.engine.wake_up()
+        if self.slept_level == 2:
+            # A level-2 wake without a reload serves garbage (vllm #29341).
+            await self.engine.collective_rpc("reload_weights",
+                                             kwargs={"weights_path": weights_dir})
         await self.engine.reset_prefix_cache()
-        self.sleeping = False
+        self.sleeping, self.slept_level = False, None
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))

@@ -2,12 +2,15 @@
 
 A shell (one vLLM engine) reserves its model's weights plus KV cache from the
 device budget while it lives; ``DeviceMemory`` is the check-then-act pair
-that makes a refused start change nothing. On a time-sharing device each
+that makes a refused start change nothing. The node's vLLM platform is
+found before the first engine starts (``cluster/engine/platform.py``): a
+device whose vLLM build is missing fails there, naming the package. On a time-sharing device each
 shell also has a ``TimeShareScheduler``: the family's members take turns on it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
 
@@ -15,6 +18,7 @@ from cluster.catalog import ModelSpec, TimeshareConfig
 from cluster.engine.checkpoint import CheckpointInfo
 from cluster.engine.contract import GroupStats, ShellStats
 from cluster.engine.device import DeviceMemory
+from cluster.engine.platform import Platform, detect
 from cluster.engine.shell import EngineShell
 from cluster.engine.timeshare import TimeShareScheduler
 
@@ -25,9 +29,11 @@ def footprint(spec: ModelSpec) -> int:
 
 
 class ShellPool:
-    def __init__(self, memory_bytes: int, sleep_mode: bool, eager: bool):
+    def __init__(self, memory_bytes: int, kind: str, eager: bool):
         self.memory = DeviceMemory(memory_bytes)
-        self.sleep_mode = sleep_mode  # vLLM sleep/wake (GPU only)
+        self.kind = kind  # the device's kind ("cpu", "cuda", "rocm", "npu", "hpu")
+        # Found on the first engine start, which imports vLLM anyway.
+        self.platform: Platform | None = None
         self.eager = eager  # no torch.compile (CPU: it triples every start)
         self.shells: dict[str, EngineShell] = {}
         self.groups: dict[str, TimeShareScheduler] = {}  # shell id -> its scheduler
@@ -39,16 +45,22 @@ class ShellPool:
     def __iter__(self):
         return iter(list(self.shells.values()))
 
+    @property
+    def sleep_mode(self) -> bool:
+        """The platform has vLLM sleep mode (False until it is known)."""
+        return self.platform is not None and self.platform.sleep_mode
+
     def vacant(self, signature: str) -> EngineShell | None:
-        """An awake shell of this family holding no model (left by a park)."""
+        """An awake shell of this family holding no model (left by a park)
+        that can take weights in place."""
         return next((s for s in self.shells.values() if s.swap_signature == signature
-                     and s.resident is None and not s.sleeping
+                     and s.resident is None and not s.sleeping and s.can_swap
                      and s.id not in self.groups), None)
 
     def same_family(self, signature: str) -> list[EngineShell]:
         """Awake dedicated shells a model of this family could be swapped into."""
         return [s for s in self.shells.values() if s.swap_signature == signature
-                and not s.sleeping and s.id not in self.groups]
+                and not s.sleeping and s.can_swap and s.id not in self.groups]
 
     def group(self, signature: str) -> TimeShareScheduler | None:
         """The scheduler of this family's time-shared shell, if any."""
@@ -58,6 +70,8 @@ class ShellPool:
     async def start(self, spec: ModelSpec, info: CheckpointInfo) -> EngineShell:
         """A new engine for ``spec``, its memory reserved first (tens of
         seconds). On failure nothing stays reserved."""
+        if self.platform is None:
+            self.platform = await asyncio.to_thread(detect, self.kind)
         shell_id = f"shell{next(self._ids)}"
         self.memory.reserve(shell_id, footprint(spec), f"loading {spec.name!r}")
         try:
@@ -84,9 +98,15 @@ class ShellPool:
         await shell.sleep()
         self.memory.release(shell.id)
 
-    async def wake(self, shell: EngineShell, spec: ModelSpec) -> None:
+    async def wake(self, shell: EngineShell, spec: ModelSpec, weights_dir: str) -> None:
+        """Wake a sleeping shell; ``weights_dir`` (the host cache) is where a
+        level-2 sleeper reloads its weights from."""
         self.memory.reserve(shell.id, footprint(spec), f"waking {spec.name!r}")
-        await shell.wake()
+        try:
+            await shell.wake(weights_dir)
+        except BaseException:
+            self.memory.release(shell.id)
+            raise
 
     def close(self, shell: EngineShell) -> None:
         group = self.groups.pop(shell.id, None)
@@ -109,6 +129,7 @@ class ShellPool:
         return {s.id: ShellStats(
             id=s.id, resident=s.resident, sleeping=s.sleeping,
             last_swap_path=s.last_swap_path, prepared_bytes=s.prepared_bytes(),
+            mechanisms=s.caps.mechanisms(),
             engine_unfinished=s.engine.get_num_unfinished_requests() if s.engine else 0)
             for s in self.shells.values()}
 

@@ -45,9 +45,9 @@ is its driver on the wall clock: it turns what happens in the engine into
 the machine's events and carries out its decisions (engine requests started
 and cancelled, weights switched).
 
-OpenAI-layer requests (vLLM's serving state lives in the engine) cannot be
-preempted: they hold an exclusive lease, the model's turn lasts until they
-finish, and the token-level requests of other models wait.
+Every request here is preemptible: OpenAI requests keep their state at the
+front door (``cluster/gateway/``) and reach the engine as token streams like
+any other.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +82,6 @@ class _Req(TurnRequest):
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     tokens: list[int] = field(default_factory=list)  # delivered so far
     pump: asyncio.Task | None = None  # its engine request, while in the device
-    lease: asyncio.Event | None = None  # set when an exclusive lease gets its turn
 
 
 def turn_config(config: TimeshareConfig) -> TurnConfig:
@@ -160,20 +158,6 @@ class TimeShareScheduler:
                 return True
         return False
 
-    @asynccontextmanager
-    async def exclusive(self, model: str):
-        """Hold ``model`` on the device, unpreempted, for the ``with`` body."""
-        lease = _Req(f"lease-{id(object())}", model, self._clock(), 1, exclusive=True,
-                     lease=asyncio.Event())
-        self._add(lease)  # the machine counts the hold until it is dropped
-        try:
-            await lease.lease.wait()
-            if self.current != model:  # its turn failed (see ``_fail``)
-                raise ModelNotActiveError(f"model {model!r} could not get the device")
-            yield
-        finally:
-            self._drop(lease)
-
     async def prepare(self, model: str) -> None:
         """Switch to ``model`` now if the device is idle: a model joining the
         group is read into the host cache and, on CPU, kept prepared in the
@@ -236,15 +220,11 @@ class TimeShareScheduler:
         for req in self.turns.fail(model):
             if req.pump is not None:
                 req.pump.cancel()
-            if req.lease is not None:
-                req.lease.set()  # the holder then finds the model not served
             req.out.put_nowait(error)
 
     # ------------------------------------------------ decisions carried out
     def _start(self, req: _Req) -> None:
-        if req.lease is not None:
-            req.lease.set()
-        elif req.pump is None:
+        if req.pump is None:
             req.pump = asyncio.get_running_loop().create_task(self._pump(req))
 
     def _segment(self, req: _Req) -> tuple[Any, str]:
@@ -364,10 +344,3 @@ class Lane:
 
     def tokenize(self, text: str) -> list[int]:
         return self.scheduler.shell.tokenize(text)
-
-    @asynccontextmanager
-    async def openai_layer(self):
-        """vLLM's serving layer keeps its request state in the engine, so
-        it cannot be preempted: it holds the model's turn until done."""
-        async with self.scheduler.exclusive(self.model):
-            yield await self.scheduler.shell.openai(self.model, self.model_path)

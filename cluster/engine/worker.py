@@ -32,18 +32,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from cluster.catalog import SLO, ModelSpec, TimeshareConfig
 from cluster.engine.checkpoint import read_checkpoint
-from cluster.engine.coalesce import sse_batches
 from cluster.engine.contract import DeviceStats, ModelStatus, Unloaded, WorkerStats
-from cluster.engine.device import DeviceSpec, sleep_mode_supported
+from cluster.engine.device import DeviceSpec
 from cluster.engine.registry import ACTIVE, PARKED, TIMESHARED, UNLOADING, ModelEntry, ModelRegistry
 from cluster.engine.request_stream import InflightRequest, RequestTracker, run_stream
 from cluster.engine.residency import Residency
@@ -54,8 +51,6 @@ from cluster.errors import BadRequestError, ModelNotActiveError
 
 log = logging.getLogger(__name__)
 
-DRAIN_S = 60.0  # how long an evacuation waits for requests that cannot move
-
 
 class EngineWorker:
     """Plain class; ``start_engine_worker`` wraps it as a Ray actor."""
@@ -63,8 +58,7 @@ class EngineWorker:
     def __init__(self, device: DeviceSpec):
         self.device = device
         self.models = ModelRegistry(device.id)
-        self.pool = ShellPool(device.memory_bytes, sleep_mode_supported(device.kind),
-                              eager=device.kind == "cpu")
+        self.pool = ShellPool(device.memory_bytes, device.kind, eager=device.kind == "cpu")
         self.cache = HostWeightCache(owner=device.id.replace("/", "_"))
         self.requests = RequestTracker()
         self.residency = Residency(device.id, self.models, self.pool, self.cache,
@@ -159,22 +153,16 @@ class EngineWorker:
             await self.residency.remove(entry, member)
             return Unloaded(name, aborted)
 
-    async def evacuate(self, name: str, drain_s: float = DRAIN_S) -> int:
+    async def evacuate(self, name: str) -> int:
         """Hand ``name``'s in-flight requests back to their callers to resume
-        elsewhere (migration): each stream ends with a ``moved`` chunk. The
-        model takes no new requests afterwards; unload or park it next.
-
-        OpenAI-layer requests cannot move (vLLM's serving state is here):
-        they get up to ``drain_s`` to finish; unload then ends the rest with
-        a clear error."""
+        elsewhere (migration, scale-in, consolidation): each stream ends
+        with a ``moved`` chunk, at once. Every request can move (OpenAI ones
+        too: their state lives at the front door), so nothing is drained.
+        The model takes no new requests afterwards; unload or park it next."""
         async with self._control:
             entry = self.models.get(name)
             entry.draining = True
-            moved = await self.requests.move_model(name, self._abort_in_engine)
-            deadline = time.monotonic() + drain_s
-            while self.requests.count(name) and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            return moved
+            return await self.requests.move_model(name, self._abort_in_engine)
 
     def set_timeshare(self, config: dict) -> dict:
         """Retune time-sharing live (discipline, quotas) on this device's
@@ -246,27 +234,6 @@ class EngineWorker:
                                       list(generated_token_ids)):
             yield chunk
 
-    async def openai(self, kind: str, body: dict) -> AsyncIterator[dict | str]:
-        """One OpenAI request (``kind``: "chat" or "completions") through
-        vLLM's own serving layer next to the model's engine; see
-        ``cluster/engine/openai_serving.py`` for what is yielded."""
-        entry, serving = self._serving(str(body.get("model")))
-        async with serving.openai_layer() as layer:
-            async for item in sse_batches(layer.handle(self.requests, entry.name, kind, body)):
-                yield item
-
-    async def openai_once(self, kind: str, body: dict) -> dict:
-        """A non-streaming OpenAI request as one plain actor call: cheaper
-        than a streaming generator for a single item. The body comes back
-        as JSON text (``body_json``), so it is serialized once, here."""
-        items = self.openai(kind, body)
-        try:
-            item = await items.__anext__()
-        finally:
-            await items.aclose()
-        return {"status": item["status"], "body_json": json.dumps(item["body"])} \
-            if "body" in item else item
-
     async def abort(self, request_id: str) -> bool:
         req = self.requests.get(request_id)
         if req is None:
@@ -282,7 +249,8 @@ class EngineWorker:
                 accelerator_type=self.device.accelerator_type,
                 memory_used_bytes=self.pool.memory.used_bytes,
                 memory_budget_bytes=self.pool.memory.budget_bytes,
-                host_cache_bytes=self.cache.total_bytes, sleep_mode=self.pool.sleep_mode),
+                host_cache_bytes=self.cache.total_bytes, sleep_mode=self.pool.sleep_mode,
+                platform=self.pool.platform.package if self.pool.platform else None),
             shells=self.pool.shell_stats(),
             models={e.name: self._status(e) for e in self.models},
             groups=self.pool.group_stats(),

@@ -13,9 +13,8 @@ import asyncio
 from typing import Any
 
 from cluster.catalog import ModelSpec
-from cluster.engine.openai_serving import OpenAIServing
-from cluster.engine.request_stream import RequestTracker
 from cluster.gateway.engine_client import ShoalEngineClient
+from cluster.gateway.openai_serving import OpenAIServing
 
 
 def engine_config(spec: ModelSpec):
@@ -42,7 +41,6 @@ class OpenAIFrontends:
     def __init__(self, specs: dict[str, ModelSpec], router: Any):
         self.specs = specs
         self.router = router
-        self.tracker = RequestTracker()  # requests in flight at this front door
         self._layers: dict[str, OpenAIServing] = {}
         self._building: dict[str, asyncio.Task] = {}
 

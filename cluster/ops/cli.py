@@ -63,6 +63,10 @@ def _run_bench(args) -> dict:
         result = run_serve_bench(args.models_dir, concurrencies=tuple(args.concurrency),
                                  prompts=args.prompts, repeats=args.repeats,
                                  plot=args.serve_plot or None, which=tuple(args.servers))
+    elif args.what == "elastic":
+        from cluster.bench.elastic import run_elastic_bench
+
+        result = run_elastic_bench(args.models_dir)
     else:  # argparse restricts choices
         raise AssertionError(args.what)
     return result
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     m.set_defaults(fn=_make_test_models)
 
     b = sub.add_parser("bench", help="benchmarks that print one JSON object")
-    b.add_argument("what", choices=["swap", "overhead", "timeshare", "serve"])
+    b.add_argument("what", choices=["swap", "overhead", "timeshare", "serve", "elastic"])
     b.add_argument("--json", action="store_true", help="one line of JSON")
     b.add_argument("--models-dir", default=".shoal/models")
     b.add_argument("--swaps", type=int, default=10, help="swap: swaps to time")

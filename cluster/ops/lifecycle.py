@@ -78,7 +78,6 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
 
 def down() -> None:
     import ray
-    from ray import serve
 
     state = json.loads(STATE_FILE.read_text()) if STATE_FILE.exists() else {}
     address = os.environ.get("RAY_ADDRESS") or "auto"
@@ -87,15 +86,9 @@ def down() -> None:
     except Exception as e:  # nothing running
         print(f"no Ray cluster to stop ({e})")
     else:
-        from cluster.control.controller import get_controller
+        from serve_apps.app import shutdown_app
 
-        try:
-            c = get_controller()
-            ray.get(c.shutdown_cluster.remote(), timeout=120)
-            ray.kill(c, no_restart=True)
-        except ValueError:
-            pass  # no controller
-        serve.shutdown()
+        shutdown_app()
         ray.shutdown()
     if state.get("started_ray"):
         subprocess.run([_ray_bin(), "stop", "--force"], check=False, capture_output=True)

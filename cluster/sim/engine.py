@@ -211,8 +211,6 @@ class SimEngine:
 
     def _segment(self, req: TurnRequest) -> None:
         """The machine started ``req``: a new engine segment, queued for prefill."""
-        if req.exclusive:
-            return
         self.machine.segment_started(req)
         self.pending.append(req)
 

@@ -11,7 +11,8 @@ for duplicated or missing tokens).
 
 Hooks let a test hold a call (``gates``), see every call in order
 (``journal``) and kill a worker (calls then raise Ray's ``RayActorError``,
-as a dead actor's do).
+as a dead actor's do). ``FakeFleet.autoscale`` is a FAKE autoscaler: it
+does what Ray's would with the last standing request, when the test says.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,7 +125,7 @@ class FakeWorker:
         self.models.remove(name)
         return Unloaded(name, len(aborted))
 
-    async def evacuate(self, name: str, drain_s: float = 0.0) -> int:
+    async def evacuate(self, name: str) -> int:
         await self._gate("evacuate", name)
         self.models.get(name).draining = True
         moving = [r for r, m in self.inflight.items() if m == name]
@@ -277,6 +279,40 @@ class FakeFleet:
         self.journal: list[tuple[str, str, Any]] = []
         self.load_s = load_s
         self.handles: dict[str, LocalHandle] = {}
+        # Every standing request sent, in order: (bundles, label selectors).
+        self.requests: list[tuple[list[dict], list[dict]]] = []
+        self.fail_requests = False  # request_capacity raises (Ray unreachable)
+
+    def request_capacity(self, bundles: list[dict], label_selectors: list[dict]) -> None:
+        if self.fail_requests:
+            raise ConnectionError("FAKE: the GCS is unreachable")
+        self.requests.append((bundles, label_selectors))
+
+    def autoscale(self, new_device: Callable[[str, int], DeviceSpec],
+                  node_types: tuple[str, ...] = ()) -> tuple[list, list]:
+        """FAKE autoscaler: bring the devices of each requested accelerator
+        type to the last request's count. It adds ``new_device(type, i)``
+        where too few, and where too many removes devices nobody uses (no
+        live worker), as Ray removes only idle nodes. It manages the
+        accelerator types of ``node_types`` and any ever requested, and
+        leaves other devices alone. Returns (added, removed)."""
+        def kinds(bundles: list[dict]) -> Counter:
+            return Counter(next(k.split(":", 1)[1] for k in b if k.startswith("accelerator_type:"))
+                           for b in bundles)
+        wanted = kinds(self.requests[-1][0] if self.requests else [])
+        managed = set(node_types).union(*(kinds(b) for b, _ in self.requests))
+        added, removed = [], []
+        for kind in sorted(managed):
+            have = sorted(d for d, spec in self.devices.items() if spec.accelerator_type == kind)
+            for i in range(len(have), wanted[kind]):
+                dev = new_device(kind, i)
+                self.devices[dev.id] = dev
+                added.append(dev.id)
+            idle = [d for d in have if d not in self.handles or self.handles[d].dead]
+            for d in idle[:max(0, len(have) - wanted[kind])]:
+                del self.devices[d]
+                removed.append(d)
+        return added, removed
 
     def discover(self, catalog: Catalog) -> list[DeviceSpec]:
         return list(self.devices.values())
