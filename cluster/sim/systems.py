@@ -6,9 +6,10 @@ engine gets its weights, and how much KV cache an engine reserves.
 
 - ``shoal``: the default policy (``policies/default.py``) over devices that
   time-share: same-family models take token-level turns on one engine
-  (``policies/turns.py``, the machine the live engine worker runs). Engines
-  reserve KV for ``KV_TOKENS`` tokens, so several families' engines can share
-  a device. New engines start fresh (vLLM start-up).
+  (``policies/turns.py``, the machine the live engine worker runs), judged
+  as ``GPU_TURNS`` says. An engine takes the device as vLLM does by default
+  (``WHOLE_DEVICE_FRACTION``), so a device serves one family, its models
+  taking turns. New engines start fresh (vLLM start-up).
 - ``dedicated``: ``policies/baselines.py``'s ``DedicatedPolicy``: one model
   per device, always on.
 - ``serverless``: ServerlessLLM-like request-level scale-to-zero with LRU
@@ -40,8 +41,11 @@ KV_TOKENS = 32768
 WHOLE_DEVICE_FRACTION = 0.9
 MUXSERVE_MODELS_PER_DEVICE = 3
 # The turn knobs on simulated GPUs. Aegaeon's 4 s round bound as in the catalog;
-# "token" turns are re-judged every 50 ms (a few decode steps) rather than the
-# CPU default of 10 ms, which is shorter than one GPU decode step here.
+# "token" turns are judged every 1 s, not the catalog's 10 ms (right for CPU
+# swaps of milliseconds): with a GPU swap of ~0.33 s plus re-prefill, short
+# turns thrash. One H800, 5 Qwen2.5-7B at 0.1 req/s: 75% attainment at 0.05 s,
+# 100% at 1.0 s; 7 models: 9% and 98% (cluster/sim/fidelity.py's single-device
+# runs; see README "Simulator").
 GPU_TURNS = TurnConfig(discipline=TOKEN, min_quota_s=1.0, max_round_s=4.0,
                        default_step_s=0.02)
 
