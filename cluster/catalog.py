@@ -210,19 +210,26 @@ class Catalog(_Strict):
 
 
 def _param_count_from_safetensors(path: Path) -> int:
-    """Count parameters from safetensors headers without loading tensors."""
+    """Count parameters from safetensors headers without loading tensors;
+    0 for a file that is not safetensors (the app builder's checkpoint
+    checks name it: ``cluster/engine/catalog_checks.py``)."""
     total = 0
-    for f in sorted(path.glob("*.safetensors")):
-        with f.open("rb") as fh:
-            header_len = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(header_len))
-        for key, meta in header.items():
-            if key == "__metadata__":
-                continue
-            n = 1
-            for d in meta["shape"]:
-                n *= d
-            total += n
+    try:
+        for f in sorted(path.glob("*.safetensors")):
+            with f.open("rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
+                if not 0 < header_len <= 100 * 2**20:  # the format's own bound
+                    return 0
+                header = json.loads(fh.read(header_len))
+            for key, meta in header.items():
+                if key == "__metadata__":
+                    continue
+                n = 1
+                for d in meta["shape"]:
+                    n *= int(d)
+                total += n
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
     return total
 
 

@@ -16,15 +16,20 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.catalog import Catalog, CatalogError, load_catalog
+from cluster.engine.catalog_checks import check_catalog
 
 DEFAULT_CATALOG = "ray_configs/models.yaml"
 
 
 def load_app_catalog(args: dict[str, Any]) -> Catalog:
+    """The app's catalog, schema and checkpoints checked (once, here: the
+    replicas and the controller get it checked)."""
     if "make_tiny_models" in args:
         raise CatalogError("make_tiny_models is a demo option: use the demo app builder "
                            "cluster.ops.demo_app:build_app (ray_configs/serve.yaml)")
-    return load_catalog(args.get("catalog", DEFAULT_CATALOG))
+    source = args.get("catalog", DEFAULT_CATALOG)
+    where = "<dict>" if isinstance(source, dict) else str(source)
+    return check_catalog(load_catalog(source), where)
 
 
 def build_app(args: dict[str, Any] | None = None):

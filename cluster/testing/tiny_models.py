@@ -19,7 +19,8 @@ model uses head_dim 64 (hidden = 64 x heads).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -178,3 +179,24 @@ def ensure_tiny_models(catalog: Catalog) -> None:
             missing.setdefault(p.parent, []).append(p.name)
     for parent, names in missing.items():
         make_test_models(parent, names)
+
+
+def write_variant(base: str, out_dir: str | Path, name: str, **changes) -> Path:
+    """A checkpoint like the tiny model ``base`` with some fields changed
+    (``hidden_size=256``, ...): a same-family member that cannot swap."""
+    m = replace(next(t for t in TINY_MODELS if t.name == base), name=name, **changes)
+    return write_model(m, Path(out_dir), build_tokenizer())
+
+
+def cast_checkpoint(src: str | Path, dst: str | Path, dtype: str) -> Path:
+    """A copy of checkpoint ``src`` whose safetensors hold every tensor as
+    ``dtype`` ("float32", ...), config.json untouched."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    for f in dst.glob("*.safetensors"):
+        tensors = {k: v.to(getattr(torch, dtype)) for k, v in load_file(f).items()}
+        save_file(tensors, f, metadata={"format": "pt"})
+    return dst
