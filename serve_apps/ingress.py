@@ -19,8 +19,10 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.catalog import Catalog
 from cluster.control.controller import get_or_create_controller
@@ -40,22 +42,50 @@ app = FastAPI(title="Shoal", description="Every catalog model behind one OpenAI 
 
 
 def error_response(e: Exception) -> JSONResponse:
-    """A ShoalError (or any exception) as an OpenAI-shaped JSON error."""
+    """A ShoalError as an OpenAI-shaped JSON error. Any other exception is
+    logged and answered without its message: Ray's wrappers carry actor
+    ids, pids, node addresses and remote tracebacks, none of them a
+    client's business."""
     e = root_cause(e)
-    status = getattr(e, "status", 500)
+    if not isinstance(e, ShoalError):
+        log.error("request failed: %r", e)
+        e = ShoalError("internal error; the server logged it")
     headers = {}
     if isinstance(e, RetryLaterError):
         headers["Retry-After"] = str(max(1, round(e.retry_after_s)))
-    code = getattr(e, "code", "internal_error")
-    return JSONResponse(error_body(str(e), status, code), status_code=status, headers=headers)
+    return JSONResponse(error_body(str(e), e.status, e.code), status_code=e.status,
+                        headers=headers)
 
 
-async def _json_or_empty(request: Request) -> dict:
-    try:
-        body = await request.json()
-    except Exception:
-        return {}
-    return body if isinstance(body, dict) else {}
+async def _admin_device(request: Request, required: bool) -> str | None:
+    """The optional ``{"device": id}`` body of an admin action; a body that
+    is not that is a 400 (not an action somewhere else)."""
+    raw = await request.body()
+    if not raw.strip():
+        body = {}
+    else:
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise BadRequestError("the body is not valid JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("device", ""), (str, type(None))):
+        raise BadRequestError('body must be {"device": "<device id>"}')
+    device = body.get("device")
+    if required and device is None:
+        raise BadRequestError('body must be {"device": "<device id>"}')
+    return device
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own refusals (no such route, wrong method) in the OpenAI shape."""
+    return JSONResponse(error_body(str(exc.detail), exc.status_code), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(error_body("invalid request parameters", 400), status_code=400)
 
 
 # Module-level helpers the deployment uses must be defined above it: Serve
@@ -118,8 +148,8 @@ class ShoalIngress(ShoalGrpcMixin):
             return error_response(limited)
         try:
             items, first = await self._start(model, kind, body)
-        except ShoalError as e:
-            self.metrics.request_failed(model, e)
+        except Exception as e:  # noqa: BLE001 - a ShoalError keeps its status; the rest is hidden
+            self.metrics.request_failed(model, root_cause(e))
             return error_response(e)
         if not first.get("stream"):
             self.metrics.request_done(model, first["status"], t0, [time.monotonic()])
@@ -171,8 +201,10 @@ class ShoalIngress(ShoalGrpcMixin):
     async def health(self):
         try:
             await asyncio.wait_for(self.controller.ping.remote(), 5)
-        except Exception as e:
-            return JSONResponse({"status": "unhealthy", "error": str(e)}, status_code=503)
+        except Exception as e:  # the message names actors and nodes: logged, not shown
+            log.warning("health check failed: %r", e)
+            return JSONResponse({"status": "unhealthy", "error": "the controller did not answer"},
+                                status_code=503, headers={"Retry-After": "5"})
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -188,8 +220,7 @@ class ShoalIngress(ShoalGrpcMixin):
 
     @app.post("/admin/models/{name}/load")
     async def admin_load(self, name: str, request: Request):
-        device = (await _json_or_empty(request)).get("device")
-        return await self._admin(request, self.controller.load, name, device, model=name)
+        return await self._admin(request, self.controller.load, name, model=name, device=False)
 
     @app.post("/admin/models/{name}/unload")
     async def admin_unload(self, name: str, request: Request):
@@ -197,19 +228,21 @@ class ShoalIngress(ShoalGrpcMixin):
 
     @app.post("/admin/models/{name}/migrate")
     async def admin_migrate(self, name: str, request: Request):
-        device = (await _json_or_empty(request)).get("device")
-        if not isinstance(device, str):
-            return error_response(BadRequestError('body must be {"device": "<device id>"}'))
-        return await self._admin(request, self.controller.migrate, name, device, model=name)
+        return await self._admin(request, self.controller.migrate, name, model=name, device=True)
 
-    async def _admin(self, request: Request, method, *args, model: str | None = None):
-        """Check the bearer key (when one is configured), then call the controller."""
+    async def _admin(self, request: Request, method, *args, model: str | None = None,
+                     device: bool | None = None):
+        """Check the bearer key (when one is configured), the model, the
+        ``{"device": id}`` body (``device``: None = no body, False =
+        optional, True = required), then call the controller."""
         if self.admin_key and request.headers.get("authorization") != f"Bearer {self.admin_key}":
             return JSONResponse(error_body("admin routes need 'Authorization: Bearer <key>'",
                                            401, "unauthorized"), status_code=401)
         if model is not None and model not in self.specs:
             return error_response(UnknownModelError(f"model {model!r} is not in the catalog"))
         try:
+            if device is not None:
+                args = (*args, await _admin_device(request, required=device))
             return JSONResponse(await method.remote(*args))
         except Exception as e:  # ShoalErrors keep their status; anything else is a 500
             return error_response(e)

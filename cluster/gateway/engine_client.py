@@ -35,6 +35,8 @@ from vllm.v1.engine.output_processor import OutputProcessor, RequestOutputCollec
 from vllm.v1.engine.parallel_sampling import ParentRequest
 from vllm.v1.metrics.stats import PrefillStats
 
+from cluster.gateway.openai_serving import client_exception
+
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH,
            "abort": FinishReason.ABORT}
 
@@ -131,7 +133,7 @@ class ShoalEngineClient(EngineClient):
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - the request's consumer raises it
-            queue.put(e)
+            queue.put(client_exception(e))  # without Ray's internals
 
     async def abort(self, request_id, internal: bool = False) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
