@@ -122,7 +122,10 @@ class ShoalIngress(ShoalGrpcMixin):
     async def models(self):
         from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList
 
-        status = await self.controller.status.remote()
+        try:
+            status = await self.controller.status.remote()
+        except Exception as e:  # noqa: BLE001 - Ray's message names actors and nodes
+            return error_response(e)
         by_name = {m["name"]: m for m in status["models"]}
         cards = [ModelCard(id=m.name, owned_by="shoal", root=m.path,
                            max_model_len=m.max_model_len, family=m.family,
@@ -209,7 +212,10 @@ class ShoalIngress(ShoalGrpcMixin):
 
     @app.get("/metrics")
     async def metrics_text(self):
-        snapshot = await self.controller.metrics.remote()
+        try:
+            snapshot = await self.controller.metrics.remote()
+        except Exception as e:  # noqa: BLE001 - Ray's message names actors and nodes
+            return error_response(e)
         return PlainTextResponse(self.metrics.render(snapshot),
                                  media_type="text/plain; version=0.0.4")
 

@@ -326,6 +326,11 @@ def test_bad_admin_bodies_for_a_known_model_are_400_and_change_nothing(door):
                 resp = c.post(f"/admin/models/{MODEL}/{verb}", json={"device": device})
                 assert resp.status_code in (400, 404), (verb, device, resp.text)
                 check_error(resp, json.dumps(device))
+        for raw in (b"{", b"[]", b"\xff", b'"device"'):  # not "no body": no load anywhere
+            for verb in ("load", "migrate"):
+                resp = c.post(f"/admin/models/{MODEL}/{verb}", content=raw)
+                assert resp.status_code == 400, (verb, raw, resp.text)
+                check_error(resp)
         after = c.get("/admin/status").json()["models"]
     state = {m["name"]: (m["state"], m["devices"]) for m in before}
     assert {m["name"]: (m["state"], m["devices"]) for m in after} == state
