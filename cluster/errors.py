@@ -21,6 +21,12 @@ class UnknownModelError(ShoalError):
     status, code = 404, "model_not_found"
 
 
+class UnknownDeviceError(ShoalError):
+    """An admin action naming a device the controller does not know."""
+
+    status, code = 404, "device_not_found"
+
+
 class BadRequestError(ShoalError):
     """Malformed input: bad parameters, prompt too long, bad checkpoint."""
 

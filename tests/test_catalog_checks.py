@@ -126,3 +126,21 @@ def test_the_app_builder_checks_and_the_demo_checks_after_writing(tmp_path, tiny
         load_app_catalog({"catalog": missing})
     ensure_tiny_models(load_catalog(missing))
     assert load_app_catalog({"catalog": missing}).model("x").weights_bytes > 0
+
+
+def test_the_shipped_catalog_passes_once_the_demo_wrote_its_models(tmp_path, tiny_models):
+    """ray_configs/models.yaml, as the demo builds it: every check passes."""
+    from pathlib import Path
+
+    from cluster.testing.tiny_models import ensure_tiny_models
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "ray_configs").mkdir()
+    shipped = tmp_path / "ray_configs" / "models.yaml"
+    shutil.copy(repo / "ray_configs" / "models.yaml", shipped)
+    (tmp_path / ".shoal").mkdir()
+    shutil.copytree(tiny_models["tiny-llama-a"].parent, tmp_path / ".shoal" / "models")
+    ensure_tiny_models(load_catalog(shipped))
+    cat = load_app_catalog({"catalog": str(shipped)})
+    assert [m.name for m in cat.models] == ["tiny-llama-a", "tiny-llama-b", "tiny-llama-c",
+                                            "tiny-qwen"]

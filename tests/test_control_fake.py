@@ -217,11 +217,12 @@ def test_a_worker_that_never_answers_is_killed_and_replaced():
 
 
 def test_unknown_device_and_model_are_clear_errors():
-    from cluster.errors import UnknownModelError
+    from cluster.errors import UnknownDeviceError, UnknownModelError
 
     async def scenario(c, fleet, router):
-        with pytest.raises(UnknownModelError, match="device 'nope' is unknown"):
+        with pytest.raises(UnknownDeviceError, match="device 'nope' is unknown") as e:
             await c.load("a", "nope")
+        assert (e.value.status, e.value.code) == (404, "device_not_found")
         with pytest.raises(UnknownModelError, match="not in the catalog"):
             await c.load("zzz")
     run(scenario)

@@ -36,7 +36,8 @@ from cluster.control.view_builder import build_view
 from cluster.engine.contract import ModelState, WorkerStats
 from cluster.engine.device import DeviceSpec
 from cluster.errors import (ColdStartQueueFullError, LoadTimeoutError, ModelNotActiveError,
-                            NoCapacityError, ShoalError, UnknownModelError, root_cause)
+                            NoCapacityError, ShoalError, UnknownDeviceError, UnknownModelError,
+                            root_cause)
 from policies import make_policy
 from policies.actions import Load, Migrate, Unload
 from policies.demand import DemandEstimator
@@ -452,7 +453,7 @@ class PlacementController:
 
     def _device(self, device: str) -> DeviceSpec:
         if device not in self.devices:
-            raise UnknownModelError(f"device {device!r} is unknown; known: {sorted(self.devices)}")
+            raise UnknownDeviceError(f"device {device!r} is unknown; known: {sorted(self.devices)}")
         return self.devices[device]
 
     def _worker(self, device: str):
