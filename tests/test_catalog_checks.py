@@ -98,7 +98,8 @@ def test_a_family_whose_dtypes_differ_is_refused_and_cannot_swap(tiny_models, va
 
 
 def test_another_architecture_in_a_family_is_refused(tiny_models):
-    with pytest.raises(CatalogError, match=r"models\.1\.family: .*'q' .*model_type: 'llama' vs 'qwen2'"):
+    with pytest.raises(CatalogError,
+                       match=r"models\.1\.family: .*'q' .*model_type: 'llama' vs 'qwen2'"):
         check({"models": [model("a", tiny_models["tiny-llama-a"]),
                           model("q", tiny_models["tiny-qwen"])]})
 
