@@ -191,6 +191,24 @@ class TenantGate:
         return w.tokens[-1][0] + WINDOW_S if w.tokens else 0.0
 
 
+class AdminKey:
+    """The admin routes' key (``admin_key`` or ``SHOAL_ADMIN_KEY``), held as
+    a digest and compared in constant time. With no admin key the admin
+    routes are open, as before tenants, unless tenants are configured: then
+    they are closed, so that no client key (or none) ever reaches them."""
+
+    def __init__(self, key: str | None, tenants_configured: bool):
+        self._digest = _digest(key) if key else None
+        self._closed = tenants_configured
+
+    def allows(self, authorization: str | None) -> bool:
+        if self._digest is None:
+            return not self._closed
+        given = authorization or ""
+        key = given[len(BEARER):].strip() if given[:len(BEARER)].lower() == BEARER else ""
+        return hmac.compare_digest(_digest(key), self._digest)
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 

@@ -180,3 +180,27 @@ def test_a_key_given_inline_is_masked_in_repr_but_reaches_the_app():
     assert Catalog.model_validate(dumped).tenants["t"].resolve_key("t") == "s3cret"
     assert "tenants" not in Catalog.model_validate(dumped).without_tenants().model_dump(
         exclude_defaults=True)
+
+
+def test_the_commented_example_in_the_shipped_catalog_is_valid():
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "ray_configs" / "models.yaml").read_text()
+    block = text[text.index("# tenants:"):]
+    example = yaml.safe_load("\n".join(line[2:] for line in block.splitlines()))
+    cat = load_catalog({**yaml.safe_load(text), **example})
+    assert cat.tenants["team-a"].key_env == "SHOAL_KEY_TEAM_A" and cat.tenants["public"].anonymous
+    g = TenantGate(cat.tenants, {"SHOAL_KEY_TEAM_A": "k"})
+    assert g.authenticate(None).name == "public"
+
+
+def test_admin_key_is_constant_time_and_closes_admin_routes_when_tenants_have_none():
+    from serve_apps.tenants import AdminKey
+
+    key = AdminKey("adm-1", tenants_configured=True)
+    assert key.allows("Bearer adm-1") and key.allows("bearer adm-1")
+    assert not any(key.allows(h) for h in (None, "", "Bearer adm-", "Bearer adm-12", "adm-1"))
+    assert AdminKey(None, tenants_configured=False).allows(None)  # as before tenants: open
+    assert not AdminKey(None, tenants_configured=True).allows("Bearer anything")
