@@ -46,3 +46,18 @@ def measured_device(name: str, prefill_fixed_s: float, prefill_per_token_s: floa
                                 prefill_per_token_s=prefill_per_token_s,
                                 decode_step_s_by_batch=decode_step_s_by_batch, swap_s=swap_s,
                                 fresh_engine_s=30.0))
+
+
+def exported_metric_names(text: str) -> set[str]:
+    """Every series name a Prometheus text scrape exports, declared families
+    without samples yet included (a counter ``x`` exports ``x_total``, a
+    histogram ``x_bucket``, ``x_sum`` and ``x_count``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+                "summary": ("_sum", "_count", "")}
+    names = set()
+    for f in text_string_to_metric_families(text):
+        names |= {f.name + s for s in suffixes.get(f.type, ("",))}
+        names |= {s.name for s in f.samples}
+    return names
