@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 LONG_PROMPT = ("Shoal serves many language models from one shared pool of accelerators. "
                "Most models in a large catalog are cold and share devices.")
@@ -61,3 +63,24 @@ def exported_metric_names(text: str) -> set[str]:
         names |= {f.name + s for s in suffixes.get(f.type, ("",))}
         names |= {s.name for s in f.samples}
     return names
+
+
+def session_log_files() -> list[Path]:
+    """Every log file of this Ray session (all nodes of the test cluster)."""
+    import ray
+
+    root = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def request_events(request_id: str) -> list[dict[str, str]]:
+    """The ``shoal.request`` lines (``cluster/request_log.py``) in the
+    session's logs whose request id contains ``request_id``, parsed."""
+    out = []
+    for f in session_log_files():
+        for line in f.read_text(errors="replace").splitlines():
+            if "event=" in line and request_id in line:
+                fields = dict(re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', line))
+                if request_id in fields.get("request_id", ""):
+                    out.append(fields)
+    return out

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from pathlib import Path
 
 import grpc
 import httpx
@@ -19,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster.control.fleet import NAMESPACE, worker_actor_name
 from serve_apps import shoal_pb2, shoal_pb2_grpc
 from tests.conftest import ADMIN_KEY, SUITE_KEY, TENANT_KEYS, WRONG_KEY
-from tests.helpers import LONG_PROMPT, exported_metric_names, wait_until
+from tests.helpers import (LONG_PROMPT, exported_metric_names, request_events,
+                           session_log_files, wait_until)
 from tests.test_ray_configs import dashboard_metric_names
 
 pytestmark = [pytest.mark.engine, pytest.mark.ray]
@@ -287,12 +287,6 @@ def test_tenant_tokens_per_minute_counts_streamed_usage_and_refuses_the_next(fro
     assert got[("shoal_tenant_requests_total", "429")] == 1
 
 
-def session_log_files() -> list[Path]:
-    node = ray._private.worker._global_node
-    root = Path(node.get_session_dir_path()) / "logs"
-    return [p for p in root.rglob("*") if p.is_file()]
-
-
 def test_keys_never_reach_logs_bodies_or_metrics_and_one_id_follows_a_request(front_door):
     """Requests with every kind of key (valid, wrong, the admin key on an
     OpenAI route, a tenant key on an admin route; HTTP and gRPC), then every
@@ -337,18 +331,16 @@ def test_keys_never_reach_logs_bodies_or_metrics_and_one_id_follows_a_request(fr
     for key in keys:
         assert not [b for b in bodies if key in b], f"a key in a response body: {key}"
 
-    def lines_of(request_id: str) -> list[str]:
-        out = []
-        for f in session_log_files():
-            out += [line for line in f.read_text(errors="replace").splitlines()
-                    if f"{request_id}" in line and "event=" in line]
-        return out
-    # The suite key's completion: accepted and finished at the ingress,
-    # routed by the router, started and finished on the worker.
+    # The suite key's completion: accepted and finished (200) at the
+    # ingress, routed by the router, started and finished on the worker.
     want = {"accepted", "routed", "started", "finished"}
-    found = wait_until(lambda: want <= {w.split("event=")[1].split()[0]
-                                         for w in lines_of(f"{trace}-0")} or None, timeout_s=30)
-    assert found
+
+    def logged():
+        ev = request_events(f"{trace}-0")
+        return ev if want <= {e["event"] for e in ev} else None
+    events = wait_until(logged, timeout_s=30)
+    assert {e["status"] for e in events if e["event"] == "finished" and "status" in e} == {"200"}
+    assert {e["tenant"] for e in events if "tenant" in e} == {"suite"}
     leaked = []
     for f in session_log_files():
         data = f.read_bytes()
