@@ -9,11 +9,14 @@ read-only; the policies get plain dataclass views built from them.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer,
+                      field_validator, model_validator)
 
 
 class CatalogError(ValueError):
@@ -179,12 +182,72 @@ class ControllerConfig(_Strict):
     demand_half_life_s: float = Field(60.0, gt=0)
 
 
+class TenantSpec(_Strict):
+    """One API client of the front door (``serve_apps/tenants.py``): its
+    key, the models it may see, and its limits. Exactly one of ``key_env``,
+    ``key`` or ``anonymous`` says how its requests are recognised."""
+
+    # The name of an environment variable holding the key, read where the
+    # front door runs: no key needs to be in a file checked into git.
+    key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # The key itself (tests, throwaway setups). Masked in repr; dumps keep it
+    # because the Serve app receives its catalog as a dump.
+    key: SecretStr | None = None
+    # Requests that carry no Authorization header at all are this tenant's
+    # (at most one tenant). A request with a wrong key is still refused.
+    anonymous: bool = False
+    # The models this tenant may use; empty = every catalog model. Others do
+    # not exist for it: 404, and /v1/models leaves them out.
+    models: list[str] = Field(default_factory=list)
+    requests_per_minute: int | None = Field(None, gt=0)
+    # Prompt + completion tokens per minute, counted as requests finish: a
+    # request that takes the window over budget finishes, the next waits.
+    tokens_per_minute: int | None = Field(None, gt=0)
+    max_concurrent: int | None = Field(None, gt=0, description="requests in flight at once")
+
+    @field_serializer("key", when_used="always")
+    def _dump_key(self, key: SecretStr | None) -> str | None:
+        return key.get_secret_value() if key is not None else None
+
+    @model_validator(mode="after")
+    def _one_way_in(self) -> "TenantSpec":
+        ways = [w for w, on in (("key_env", self.key_env is not None),
+                                ("key", self.key is not None),
+                                ("anonymous", self.anonymous)) if on]
+        if len(ways) != 1:
+            raise ValueError(f"give exactly one of key_env, key or anonymous: true "
+                             f"(got {', '.join(ways) or 'none'})")
+        if self.key is not None and not self.key.get_secret_value().strip():
+            raise ValueError("key is empty")
+        return self
+
+    def resolve_key(self, name: str, environ: Mapping[str, str] = os.environ) -> str | None:
+        """The tenant's key (None: the anonymous tenant). Raises CatalogError
+        naming the field when ``key_env`` names an unset or empty variable."""
+        if self.key is not None:
+            return self.key.get_secret_value()
+        if self.key_env is None:
+            return None
+        value = environ.get(self.key_env, "").strip()
+        if not value:
+            raise CatalogError(f"tenants.{name}.key_env: environment variable "
+                               f"{self.key_env} is not set (or empty) where the front door runs")
+        return value
+
+
+TENANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # a metrics label and a log field
+
+
 class Catalog(_Strict):
     models: list[ModelSpec] = Field(default_factory=list)
     cpu_devices: list[CPUDevice] = Field(default_factory=list)
     discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     capacity: CapacityConfig | None = None
+    # API clients by name. Empty: no keys, no tenant limits (every request
+    # is served as before). Otherwise every request needs a tenant's key,
+    # or falls to the ``anonymous`` tenant when it carries none.
+    tenants: dict[str, TenantSpec] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Catalog":
@@ -200,7 +263,31 @@ class Catalog(_Strict):
             if t not in self.discovery.accelerators:
                 raise ValueError(f"capacity.accelerators.{t}: no profile in "
                                  f"discovery.accelerators (memory_bytes, speed, cost_per_hour)")
+        self._check_tenants(set(names))
         return self
+
+    def _check_tenants(self, models: set[str]) -> None:
+        import re
+
+        for name, t in self.tenants.items():
+            if not re.match(TENANT_NAME, name):
+                raise ValueError(f"tenants.{name}: a tenant name is letters, digits, '.', "
+                                 f"'_' and '-', starting with a letter or digit")
+            for i, m in enumerate(t.models):
+                if m not in models:
+                    raise ValueError(f"tenants.{name}.models.{i}: unknown model {m!r}")
+        anonymous = sorted(n for n, t in self.tenants.items() if t.anonymous)
+        if len(anonymous) > 1:
+            raise ValueError(f"tenants: only one tenant may be anonymous (got {anonymous})")
+        keys = [t.key.get_secret_value() for t in self.tenants.values() if t.key is not None]
+        envs = [t.key_env for t in self.tenants.values() if t.key_env is not None]
+        if len(set(keys)) < len(keys) or len(set(envs)) < len(envs):
+            raise ValueError("tenants: two tenants share a key (or a key_env)")
+
+    def without_tenants(self) -> "Catalog":
+        """This catalog with no tenant keys: for the parts that never need
+        them (the controller), so keys are held where they are checked only."""
+        return self.model_copy(update={"tenants": {}})
 
     def model(self, name: str) -> ModelSpec:
         for m in self.models:

@@ -27,6 +27,13 @@ class UnknownDeviceError(ShoalError):
     status, code = 404, "device_not_found"
 
 
+class UnauthorizedError(ShoalError):
+    """No API key, or one that is no tenant's (front door, tenants configured).
+    The message never repeats the key that was sent."""
+
+    status, code = 401, "invalid_api_key"
+
+
 class BadRequestError(ShoalError):
     """Malformed input: bad parameters, prompt too long, bad checkpoint."""
 
@@ -85,7 +92,8 @@ class RetryLaterError(ShoalError):
 
 
 class RateLimitedError(RetryLaterError):
-    """The model's request rate limit refused the request (front door)."""
+    """A request rate limit (the model's, or the tenant's requests, tokens or
+    concurrency) refused the request (front door)."""
 
     status, code = 429, "rate_limit_exceeded"
 

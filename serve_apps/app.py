@@ -9,6 +9,9 @@ App arguments (``args:`` in ``ray_configs/serve.yaml``):
 - ``admin_key``: bearer key for ``/admin/*`` (or env ``SHOAL_ADMIN_KEY``);
 - ``rate_limit_rps``: request rate limit for every model (off by default);
   ``rate_limits``: ``{model: requests/s}`` for some models.
+
+Tenants (API keys, their models and limits) are configured in the catalog's
+``tenants`` section, not here (``serve_apps/tenants.py``).
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ with the metadata key ``("application", "shoal")``.
 Errors become gRPC status codes: the code is set on Serve's gRPC context and
 the error re-raised, which Serve passes to the client as that status.
 
+Tenants as on HTTP (``admission.py``): the key comes in the metadata
+``authorization`` (``Bearer <key>``); no key or a wrong one is
+UNAUTHENTICATED, a model the tenant may not use is NOT_FOUND like an
+unknown one, and ``ListModels`` lists only the tenant's models.
+
 A cancelled ``Generate`` (Serve cancels it when the client cancels) closes
 the router's stream, which aborts the request inside vLLM. Known gap, in Ray
 Serve 2.60's gRPC proxy: a client's cancel that lands while the proxy is
@@ -26,10 +31,10 @@ from typing import Any
 
 import grpc
 
-from cluster.errors import (BadRequestError, RateLimitedError, ShoalError, UnknownModelError,
-                            root_cause)
+from cluster.errors import BadRequestError, ShoalError, root_cause
 from cluster.control.fleet import is_actor_death
 from serve_apps import shoal_pb2
+from serve_apps.admission import request_id_from
 
 # For ``serve.start(grpc_options=...)`` and ``grpc_servicer_functions`` in serve.yaml.
 GRPC_SERVICER = "serve_apps.shoal_pb2_grpc.add_ShoalServicer_to_server"
@@ -83,18 +88,20 @@ def sampling_from(request: shoal_pb2.GenerateRequest) -> dict[str, Any]:
 class ShoalGrpcMixin:
     """``shoal.Shoal`` on the ingress deployment. The host class provides
     ``router`` (``cluster.control.router.Router``), ``controller`` (the placement
-    controller's handle) and ``specs`` (catalog name -> spec); ``limiter``
-    and ``metrics`` are used when present."""
+    controller's handle), ``specs`` (catalog name -> spec), ``admission``
+    (``serve_apps.admission.Admission``) and ``metrics``."""
 
     async def ListModels(self, request: shoal_pb2.ListModelsRequest, grpc_context=None):
         try:
+            visible = self.admission.visible(self.admission.authenticate(
+                _authorization(grpc_context)))
             status = await self.controller.status.remote()
         except Exception as e:
             raise _fail(grpc_context, e) from None
         by_name = {m["name"]: m for m in status["models"]}
         out = shoal_pb2.ListModelsResponse()
-        for name, spec in self.specs.items():
-            m = by_name.get(name, {})
+        for name in visible:
+            spec, m = self.specs[name], by_name.get(name, {})
             devices = m.get("devices") or {}
             out.models.add(name=name, family=spec.family, state=m.get("state", "cold"),
                            devices=sorted(devices),
@@ -105,56 +112,57 @@ class ShoalGrpcMixin:
         t0 = time.monotonic()
         model = request.model
         try:
-            self._check_generate(request)
-        except ShoalError as e:
-            if not isinstance(e, RateLimitedError):  # as on HTTP: 429s are not counted
-                self._metric_failed(model, e)
+            tenant = self.admission.authenticate(_authorization(grpc_context))
+            if not model:
+                raise BadRequestError("'model' is required")
+            rid = request_id_from(request.request_id)
+            admitted = self.admission.admit(tenant, model, rid, "grpc", lists="ListModels")
+        except ShoalError as e:  # as on HTTP: refusals (401, 404, 429) are no model's requests
             raise _fail(grpc_context, e) from None
         stamps: list[float] = []
         finished = failed = False
-        stream = self.router.stream(model, request.prompt or None,
-                                    list(request.prompt_token_ids) or None,
-                                    sampling_from(request), request.request_id or None)
+        status = 499  # the client left mid-stream, unless it ends otherwise
+        usage = admitted.usage
         try:
+            if not request.prompt and not request.prompt_token_ids:
+                raise BadRequestError("give 'prompt' or 'prompt_token_ids'")
+            stream = self.router.stream(model, request.prompt or None,
+                                        list(request.prompt_token_ids) or None,
+                                        sampling_from(request), rid)
             # aclosing: when the client leaves, Serve cancels this generator and
             # the router's stream is closed at once; its ``finally`` cancels the
             # worker's stream, which aborts the request inside vLLM.
             async with contextlib.aclosing(stream):
                 async for chunk in stream:
                     stamps.append(time.monotonic())
+                    if "request" in chunk:  # the first chunk: the prompt as tokens
+                        usage.prompt_tokens = len(chunk["request"]["prompt_token_ids"])
+                    usage.completion_tokens = chunk.get("num_generated") or 0
                     finished = bool(chunk.get("finished"))
                     yield shoal_pb2.GenerateChunk(
                         text=chunk.get("text") or "", token_ids=chunk.get("token_ids") or [],
                         finished=finished, finish_reason=chunk.get("finish_reason") or "",
                         num_generated=chunk.get("num_generated") or 0)
                     if finished:
+                        status = 200
                         break
         except Exception as e:
             failed = True
-            self._metric_failed(model, root_cause(e))
+            cause = root_cause(e)
+            status = getattr(cause, "status", 500)
+            self.metrics.request_failed(model, cause)
             raise _fail(grpc_context, e) from None
         finally:
-            metrics = getattr(self, "metrics", None)
-            if metrics is not None and not failed:  # 499: the client left mid-stream
-                metrics.request_done(model, 200 if finished else 499, t0, stamps,
-                                     self.specs[model].slo)
+            if not failed:
+                self.metrics.request_done(model, status, t0, stamps, self.specs[model].slo)
+            self.admission.finish(admitted, status)
 
-    # ------------------------------------------------------------- helpers
-    def _check_generate(self, request: shoal_pb2.GenerateRequest) -> None:
-        model = request.model
-        if not model:
-            raise BadRequestError("'model' is required")
-        if model not in self.specs:
-            raise UnknownModelError(f"model {model!r} is not in the catalog; "
-                                    f"ListModels lists them")
-        if not request.prompt and not request.prompt_token_ids:
-            raise BadRequestError("give 'prompt' or 'prompt_token_ids'")
-        limiter = getattr(self, "limiter", None)
-        refused = limiter.check(model) if limiter is not None else None
-        if refused is not None:
-            raise refused
 
-    def _metric_failed(self, model: str, e: BaseException) -> None:
-        metrics = getattr(self, "metrics", None)
-        if metrics is not None and model in self.specs:
-            metrics.request_failed(model, e)
+def _authorization(grpc_context) -> str | None:
+    """The ``authorization`` metadata value (gRPC keys are lower case)."""
+    if grpc_context is None:
+        return None
+    for key, value in grpc_context.invocation_metadata():
+        if key == "authorization":
+            return value
+    return None

@@ -6,7 +6,11 @@ controller's bounded queue), and hands the body to vLLM's own OpenAI serving
 layer for that model (``cluster/gateway/``), which runs here over Shoal's
 resumable token streams: a request is preempted, moved or resumed after a
 worker dies without the client noticing. Errors use vLLM's OpenAI error
-shape; ``Retry-After`` accompanies every 503.
+shape; ``Retry-After`` accompanies every 503 and 429.
+
+Who may send what (tenants, keys, limits) is decided in ``tenants.py`` and
+applied by ``admission.py``, shared with gRPC; this module only reads the
+header and the body's ``model``, and settles each request in a ``finally``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,15 +31,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.catalog import Catalog
 from cluster.control.controller import get_or_create_controller
-from cluster.errors import (BadRequestError, RetryLaterError, ShoalError, UnknownModelError,
-                            root_cause)
+from cluster.errors import (BadRequestError, RetryLaterError, ShoalError, UnauthorizedError,
+                            UnknownModelError, root_cause)
 from cluster.openai_protocol import CHAT, COMPLETIONS, error_body, sse_error
 from cluster.control.router import Router
 from cluster.coalesce import sse_batches
 from cluster.gateway.frontends import OpenAIFrontends
+from cluster.gateway.usage import count_into
+from serve_apps.admission import Admission, Admitted, request_id_from
 from serve_apps.grpc_service import ShoalGrpcMixin
 from serve_apps.metrics import FrontDoorMetrics
 from serve_apps.rate_limit import RateLimiter
+from serve_apps.tenants import AdminKey, TenantGate
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,8 @@ def error_response(e: Exception) -> JSONResponse:
     headers = {}
     if isinstance(e, RetryLaterError):
         headers["Retry-After"] = str(max(1, round(e.retry_after_s)))
+    if isinstance(e, UnauthorizedError):
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(error_body(str(e), e.status, e.code), status_code=e.status,
                         headers=headers)
 
@@ -102,12 +112,16 @@ class ShoalIngress(ShoalGrpcMixin):
                  rate_limits: dict[str, float] | None = None):
         self.catalog = Catalog.model_validate(catalog)
         self.specs = {m.name: m for m in self.catalog.models}
-        self.controller = get_or_create_controller(self.catalog)
+        # Tenant keys stay here, where they are checked: not in the controller.
+        self.controller = get_or_create_controller(self.catalog.without_tenants())
         self.metrics = FrontDoorMetrics()
         self.router = Router(self.controller, on_resume=self.metrics.request_resumed)
         self.frontends = OpenAIFrontends(self.specs, self.router)
-        self.admin_key = admin_key or os.environ.get("SHOAL_ADMIN_KEY") or None
         self.limiter = RateLimiter(rate_limit_rps, rate_limits)
+        self.tenants = TenantGate(self.catalog.tenants)  # reads key_env variables here
+        self.admin_key = AdminKey(admin_key or os.environ.get("SHOAL_ADMIN_KEY") or None,
+                                  self.tenants.enabled)
+        self.admission = Admission(self.specs, self.tenants, self.limiter, self.metrics)
 
     # ------------------------------------------------------------ OpenAI
     @app.post("/v1/chat/completions")
@@ -119,9 +133,15 @@ class ShoalIngress(ShoalGrpcMixin):
         return await self._openai(COMPLETIONS, request)
 
     @app.get("/v1/models")
-    async def models(self):
+    async def models(self, request: Request):
+        """The models that exist for the caller's tenant (all when no tenants)."""
         from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList
 
+        try:
+            visible = set(self.admission.visible(
+                self.admission.authenticate(request.headers.get("authorization"))))
+        except UnauthorizedError as e:
+            return error_response(e)
         try:
             status = await self.controller.status.remote()
         except Exception as e:  # noqa: BLE001 - Ray's message names actors and nodes
@@ -131,11 +151,15 @@ class ShoalIngress(ShoalGrpcMixin):
                            max_model_len=m.max_model_len, family=m.family,
                            state=by_name.get(m.name, {}).get("state", "cold"),
                            devices=by_name.get(m.name, {}).get("devices", {}))
-                 for m in self.catalog.models]
+                 for m in self.catalog.models if m.name in visible]
         return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
     async def _openai(self, kind: str, request: Request):
         t0 = time.monotonic()
+        try:
+            tenant = self.admission.authenticate(request.headers.get("authorization"))
+        except UnauthorizedError as e:
+            return error_response(e)
         try:
             body = await request.json()
         except Exception:
@@ -143,22 +167,35 @@ class ShoalIngress(ShoalGrpcMixin):
         model = body.get("model") if isinstance(body, dict) else None
         if not isinstance(model, str):
             return error_response(BadRequestError("'model' is required and must be a string"))
-        if model not in self.specs:
-            return error_response(UnknownModelError(
-                f"model {model!r} is not in the catalog; GET /v1/models lists them"))
-        limited = self.limiter.check(model)
-        if limited is not None:
-            return error_response(limited)
+        rid = request_id_from(request.headers.get("x-request-id"), body.get("request_id"))
+        try:
+            admitted = self.admission.admit(tenant, model, rid, kind)
+        except ShoalError as e:  # 404 (unknown, or not this tenant's), 429
+            return error_response(e)
+        # vLLM builds its engine request ids from this one (cmpl-<rid>-...).
+        body = {**body, "request_id": rid}
+        # The engine client counts this request's tokens into it (usage.py).
+        count_into(admitted.usage)
+        headers = {"X-Request-Id": rid}
         try:
             items, first = await self._start(model, kind, body)
+        except asyncio.CancelledError:  # the client left while the model loaded
+            self.admission.finish(admitted, 499)
+            raise
         except Exception as e:  # noqa: BLE001 - a ShoalError keeps its status; the rest is hidden
             self.metrics.request_failed(model, root_cause(e))
+            self.admission.finish(admitted, getattr(root_cause(e), "status", 500))
             return error_response(e)
         if not first.get("stream"):
             self.metrics.request_done(model, first["status"], t0, [time.monotonic()])
+            self.admission.finish(admitted, first["status"])
             return Response(json.dumps(first["body"]), status_code=first["status"],
-                            media_type="application/json")
-        return StreamingResponse(self._relay(items, model, t0), media_type="text/event-stream")
+                            media_type="application/json", headers=headers)
+        relay = self._relay(items, admitted, t0)
+        # A stream Serve never starts (the client left first) never runs
+        # _relay's finally: settle it when the generator is dropped.
+        weakref.finalize(relay, self.admission.finish, admitted, 499)
+        return StreamingResponse(relay, media_type="text/event-stream", headers=headers)
 
     async def _start(self, model: str, kind: str, body: dict) -> tuple[Any, dict]:
         """A cold model waits (or gets its 503) before vLLM sees the
@@ -172,11 +209,12 @@ class ShoalIngress(ShoalGrpcMixin):
             await items.aclose()
         return items, first
 
-    async def _relay(self, items, model: str, t0: float):
+    async def _relay(self, items, admitted: Admitted, t0: float):
         """Pass vLLM's SSE strings on, those that come together as one
         message to Serve's proxy (``sse_batches``). A client that leaves
         closes the stream, which aborts its engine requests wherever they
         run."""
+        model = admitted.model
         stamps: list[float] = []
         finished = False
         events = sse_batches(items)
@@ -198,6 +236,7 @@ class ShoalIngress(ShoalGrpcMixin):
             await items.aclose()
             self.metrics.request_done(model, 200 if finished else 499, t0, stamps,
                                       self.specs[model].slo)
+            self.admission.finish(admitted, 200 if finished else 499)
 
     # ------------------------------------------------------- health, metrics
     @app.get("/health")
@@ -238,12 +277,14 @@ class ShoalIngress(ShoalGrpcMixin):
 
     async def _admin(self, request: Request, method, *args, model: str | None = None,
                      device: bool | None = None):
-        """Check the bearer key (when one is configured), the model, the
+        """Check the admin key (``tenants.AdminKey``), the model, the
         ``{"device": id}`` body (``device``: None = no body, False =
         optional, True = required), then call the controller."""
-        if self.admin_key and request.headers.get("authorization") != f"Bearer {self.admin_key}":
-            return JSONResponse(error_body("admin routes need 'Authorization: Bearer <key>'",
-                                           401, "unauthorized"), status_code=401)
+        if not self.admin_key.allows(request.headers.get("authorization")):
+            return JSONResponse(error_body("admin routes need 'Authorization: Bearer <admin "
+                                           "key>' (admin_key or SHOAL_ADMIN_KEY)",
+                                           401, "unauthorized"), status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
         if model is not None and model not in self.specs:
             return error_response(UnknownModelError(f"model {model!r} is not in the catalog"))
         try:

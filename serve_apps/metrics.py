@@ -3,9 +3,13 @@
 Latency is measured here, where the client's experience is: TTFT to the
 first streamed chunk, TPOT between chunks, end to end. Control-plane
 numbers (queue depth, loads, swaps, migrations, evictions, swap latency,
-device memory) come from the controller's ``metrics()`` snapshot at scrape
-time, through a custom collector, so every front-door replica reports the
-same cluster-wide values.
+device memory, time-share switches) come from the controller's
+``metrics()`` snapshot at scrape time, through a custom collector, so every
+front-door replica reports the same cluster-wide values.
+
+Per-tenant counters are labelled with the tenant's NAME, never its key.
+``ray_configs/grafana-shoal.json`` charts these metrics; a test checks that
+every name it queries is exported here.
 """
 
 from __future__ import annotations
@@ -35,7 +39,19 @@ class FrontDoorMetrics:
         self.resumes = Counter("shoal_request_resumes", "requests continued on another copy "
                                "mid-generation (cause: moved by an evacuation, or failed: its "
                                "worker died)", ["model", "cause"], registry=r)
+        self.tenant_requests = Counter("shoal_tenant_requests", "requests by tenant and outcome",
+                                       ["tenant", "status"], registry=r)
+        self.tenant_tokens = Counter("shoal_tenant_tokens", "tokens by tenant: in = prompt, "
+                                     "out = completion", ["tenant", "direction"], registry=r)
         r.register(_ControllerCollector(self))
+
+    def tenant_done(self, tenant: str, status: int, prompt_tokens: int,
+                    completion_tokens: int) -> None:
+        self.tenant_requests.labels(tenant, str(status)).inc()
+        if prompt_tokens:
+            self.tenant_tokens.labels(tenant, "in").inc(prompt_tokens)
+        if completion_tokens:
+            self.tenant_tokens.labels(tenant, "out").inc(completion_tokens)
 
     def request_done(self, model: str, status: int, t0: float, stamps: list[float],
                      slo=None) -> None:
@@ -101,5 +117,14 @@ class _ControllerCollector:
             budget.add_metric([d["id"]], d["memory_budget_bytes"])
         yield used
         yield budget
+        switches = CounterMetricFamily("shoal_timeshare_switches", "weight switches between "
+                                       "the models time-sharing a device", labels=["device"])
+        preempted = CounterMetricFamily("shoal_timeshare_preemptions", "engine requests "
+                                        "preempted at the end of a turn", labels=["device"])
+        for device, t in sorted(s.get("timeshare", {}).items()):
+            switches.add_metric([device], t["switches"])
+            preempted.add_metric([device], t["preemptions"])
+        yield switches
+        yield preempted
 
 

@@ -134,6 +134,24 @@ def free_port() -> int:
 
 
 ADMIN_KEY = "test-admin-key"
+# The front door's tenants (catalog ``tenants``). The suite's own clients use
+# SUITE_KEY (every model, no limits); requests with no Authorization header
+# (raw httpx, gRPC without metadata) are the anonymous tenant's (every
+# model, no limits), so the tests written before tenants run unchanged. The
+# others are for tests/test_front_door.py's tenant tests. The keys are
+# distinctive so a grep of the logs for them means something.
+SUITE_KEY = "sk-shoal-suite-4b1f0c9e"
+TENANT_KEYS = {"solo": "sk-shoal-solo-9d27e3a1", "thrifty": "sk-shoal-thrifty-71c58f02"}
+WRONG_KEY = "sk-shoal-wrong-3e8a6d54"
+TENANTS = {
+    "suite": {"key": SUITE_KEY},
+    "anon": {"anonymous": True},
+    # Only tiny-llama-a exists for it, one request at a time.
+    "solo": {"key": TENANT_KEYS["solo"], "models": ["tiny-llama-a"], "max_concurrent": 1},
+    # Its first request takes it over budget for a minute.
+    "thrifty": {"key": TENANT_KEYS["thrifty"], "models": ["tiny-llama-a"],
+                "tokens_per_minute": 10},
+}
 # The front door's time-sharing device and its models (name -> checkpoint).
 TIMESHARED_DEVICE = "cpu-timeshare-fd"
 TIMESHARED_MODELS = {"ts-a": "tiny-llama-a", "ts-b": "tiny-llama-b"}
@@ -177,6 +195,7 @@ def front_door(ray_local, tiny_models, spec):
             "A100": {"memory_bytes": 2 * footprint + 8 * MiB, "speed": 2.0, "cost_per_hour": 3.0},
             "L4": {"memory_bytes": 2 * footprint + 8 * MiB, "speed": 1.0, "cost_per_hour": 1.0}}},
         "controller": {"tick_s": 2, "health_check_s": 1.0, "cold_queue_max": 2},
+        "tenants": TENANTS,
     }
     http_port, grpc_port = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
@@ -196,10 +215,11 @@ def front_door(ray_local, tiny_models, spec):
 
 @pytest.fixture(scope="session")
 def client(front_door):
-    """The official ``openai`` client on the front door (no retries)."""
+    """The official ``openai`` client on the front door (no retries), as
+    the ``suite`` tenant."""
     import openai
 
-    return openai.OpenAI(base_url=f"{front_door['url']}/v1", api_key="unused",
+    return openai.OpenAI(base_url=f"{front_door['url']}/v1", api_key=SUITE_KEY,
                          max_retries=0, timeout=300)
 
 

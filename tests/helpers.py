@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 LONG_PROMPT = ("Shoal serves many language models from one shared pool of accelerators. "
                "Most models in a large catalog are cold and share devices.")
@@ -46,3 +48,39 @@ def measured_device(name: str, prefill_fixed_s: float, prefill_per_token_s: floa
                                 prefill_per_token_s=prefill_per_token_s,
                                 decode_step_s_by_batch=decode_step_s_by_batch, swap_s=swap_s,
                                 fresh_engine_s=30.0))
+
+
+def exported_metric_names(text: str) -> set[str]:
+    """Every series name a Prometheus text scrape exports, declared families
+    without samples yet included (a counter ``x`` exports ``x_total``, a
+    histogram ``x_bucket``, ``x_sum`` and ``x_count``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+                "summary": ("_sum", "_count", "")}
+    names = set()
+    for f in text_string_to_metric_families(text):
+        names |= {f.name + s for s in suffixes.get(f.type, ("",))}
+        names |= {s.name for s in f.samples}
+    return names
+
+
+def session_log_files() -> list[Path]:
+    """Every log file of this Ray session (all nodes of the test cluster)."""
+    import ray
+
+    root = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def request_events(request_id: str) -> list[dict[str, str]]:
+    """The ``shoal.request`` lines (``cluster/request_log.py``) in the
+    session's logs whose request id contains ``request_id``, parsed."""
+    out = []
+    for f in session_log_files():
+        for line in f.read_text(errors="replace").splitlines():
+            if "event=" in line and request_id in line:
+                fields = dict(re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', line))
+                if request_id in fields.get("request_id", ""):
+                    out.append(fields)
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 import httpx
 import pytest
@@ -22,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.control.fleet import NAMESPACE, worker_actor_name
 from tests.conftest import TIMESHARED_DEVICE
-from tests.helpers import LONG_PROMPT, wait_until
+from tests.helpers import LONG_PROMPT, request_events, wait_until
 
 pytestmark = [pytest.mark.engine, pytest.mark.ray]
 
@@ -184,16 +185,21 @@ def test_requests_in_flight_move_with_an_admin_migration(client, admin, front_do
     moved_before = metric(front_door, "shoal_request_resumes_total", model=model, cause="moved")
     migrated = in_thread(admin.post, f"/admin/models/{model}/migrate", json={"device": target})
     answers: list[tuple[str, str]] = []
+    ids: list[str] = []  # X-Request-Id of each request, to follow it in the logs
+    trace = f"mv-{uuid.uuid4().hex[:10]}"
 
     def loop(streaming: bool):
         while migrated["thread"].is_alive():
+            ids.append(rid := f"{trace}-{len(ids)}-{int(streaming)}")
+            headers = {"X-Request-Id": rid}
             if streaming:
                 chunks = list(client.completions.create(
-                    model=model, prompt=LONG_PROMPT, stream=True,
+                    model=model, prompt=LONG_PROMPT, stream=True, extra_headers=headers,
                     stream_options={"include_usage": True}, **LONG))
                 answers.append((stream_text(chunks), chunks[-1].usage.completion_tokens))
             else:
-                out = client.completions.create(model=model, prompt=LONG_PROMPT, **LONG)
+                out = client.completions.create(model=model, prompt=LONG_PROMPT,
+                                                extra_headers=headers, **LONG)
                 answers.append((out.choices[0].text, out.usage.completion_tokens))
     loops = [in_thread(loop, s) for s in (True, False)]
     for t in loops:
@@ -204,6 +210,18 @@ def test_requests_in_flight_move_with_an_admin_migration(client, admin, front_do
     assert answers and all(a == (dedicated["b-long"], LONG["max_tokens"]) for a in answers)
     moved = metric(front_door, "shoal_request_resumes_total", model=model, cause="moved")
     assert moved - moved_before >= 2  # the move caught both kinds in flight
+
+    def followed(rid: str) -> bool:
+        """The request's id on every step across the move: the worker on the
+        source ends it ``moved``, the router resumes it on the target, the
+        target's worker starts it from the tokens sent and finishes it, and
+        the ingress finishes it 200."""
+        ev = {(e["event"], e.get("device"), e.get("cause"), "resumed_from" in e, e.get("status"))
+              for e in request_events(rid)}
+        return {("moved", source, None, False, None), ("resumed", target, "moved", False, None),
+                ("started", target, None, True, None), ("finished", None, None, False, "200"),
+                ("accepted", None, None, False, None)} <= ev
+    assert wait_until(lambda: any(followed(rid) for rid in ids), timeout_s=30)
 
 
 def test_requests_survive_the_death_of_their_engine_worker(client, admin, dedicated):

@@ -38,6 +38,8 @@ def profiles() -> dict:
 
 
 def test_every_shipped_file_opens_with_a_comment_header_and_parses():
+    """YAML opens with comment lines; JSON, which has no comments, with a
+    ``description`` field saying what the file is and how to use it."""
     files = sorted(CONFIGS.glob("*.yaml"))
     assert {f.name for f in files} >= {"models.yaml", "serve.yaml", "rayservice.yaml",
                                        *CLUSTER_FILES}
@@ -46,6 +48,91 @@ def test_every_shipped_file_opens_with_a_comment_header_and_parses():
         header = text.split("\n", 3)[:3]
         assert all(line.startswith("#") for line in header), f"{f.name}: no comment header"
         assert list(yaml.safe_load_all(text)), f.name
+    jsons = sorted(CONFIGS.glob("*.json"))
+    assert {f.name for f in jsons} >= {DASHBOARD.name}
+    for f in jsons:
+        doc = json.loads(f.read_text())
+        first = next(iter(doc))
+        assert first == "description" and len(doc[first]) > 80, f"{f.name}: no description header"
+    assert "Import" in json.loads(DASHBOARD.read_text())["description"]
+
+
+# ------------------------------------------------------- the Grafana dashboard
+DASHBOARD = CONFIGS / "grafana-shoal.json"
+# PromQL words that are not metric names (functions are followed by "(").
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
+                "unless", "offset", "bool", "inf", "nan"}
+# What the dashboard must chart: a name for the failure, and a test on one query.
+REQUIRED_PANELS = {
+    "per-model request rate": lambda e: "rate(shoal_requests_total" in e and "by (model)" in e,
+    "TTFT percentiles": lambda e: "histogram_quantile" in e and "shoal_ttft_seconds_bucket" in e,
+    "TPOT percentiles": lambda e: "histogram_quantile" in e and "shoal_tpot_seconds_bucket" in e,
+    "queue depth": lambda e: "shoal_queue_depth" in e,
+    "swaps per second": lambda e: "rate(shoal_control_actions_total" in e and 'action="swap"' in e,
+    "time-share switches per second": lambda e: "rate(shoal_timeshare_switches_total" in e,
+    "device memory": lambda e: "shoal_device_memory_used_bytes" in e,
+    "per-tenant usage": lambda e: "shoal_tenant_tokens_total" in e and "tenant" in e,
+}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads: identifiers that are not
+    functions, keywords, label names (inside ``{}``, ``by (...)`` and the
+    like), strings, durations or Grafana variables."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings (label values, regexes)
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges: [5m], [$__rate_interval]
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r"\$\w+", "", expr)  # Grafana variables
+    # Grafana's label_values(metric, label): the label is no metric
+    expr = re.sub(r"label_values\(\s*([^,()]+?)\s*,\s*\w+\s*\)", r"(\1)", expr)
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", expr):
+        rest = expr[m.end():].lstrip()
+        if rest.startswith("(") or m.group(0).lower() in PROMQL_WORDS:
+            continue
+        names.add(m.group(0))
+    return names
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every panel target and query variable."""
+    doc = json.loads(DASHBOARD.read_text())
+    out = [(p["title"], t["expr"]) for p in doc["panels"] for t in p.get("targets", [])]
+    for v in doc["templating"]["list"]:
+        if v["type"] == "query":
+            q = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+            out.append((f"variable {v['name']}", q))
+    return out
+
+
+def dashboard_metric_names() -> set[str]:
+    return {n for _, e in dashboard_queries() for n in promql_metric_names(e)}
+
+
+def test_promql_metric_names_skip_functions_labels_and_variables():
+    expr = ('histogram_quantile(0.95, sum by (le, model) (rate(shoal_ttft_seconds_bucket'
+            '{model=~"$model", status!="200"}[$__rate_interval]))) / on (model) shoal_x')
+    assert promql_metric_names(expr) == {"shoal_ttft_seconds_bucket", "shoal_x"}
+    assert promql_metric_names("label_values(shoal_requests_total, model)") == {
+        "shoal_requests_total"}
+    assert promql_metric_names("sum(up) and bool 1") == {"up"}
+
+
+def test_grafana_dashboard_is_importable_and_charts_every_required_kind():
+    doc = json.loads(DASHBOARD.read_text())
+    ds = [v for v in doc["templating"]["list"] if v["type"] == "datasource"]
+    assert ds and ds[0]["query"] == "prometheus"  # a Prometheus data source variable
+    panels = [p for p in doc["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in doc["panels"]}) == len(doc["panels"])  # ids unique
+    for p in panels:
+        assert p["datasource"]["uid"] == "${" + ds[0]["name"] + "}", p["title"]
+        assert p["targets"] and all(promql_metric_names(t["expr"]) for t in p["targets"]), \
+            f"{p['title']}: a query that reads no metric"
+    exprs = [e for _, e in dashboard_queries()]
+    missing = [kind for kind, has in REQUIRED_PANELS.items() if not any(has(e) for e in exprs)]
+    assert not missing, f"the dashboard lacks: {missing}"
+    assert all(n.startswith("shoal_") for n in dashboard_metric_names())
 
 
 @pytest.mark.parametrize("name", CLUSTER_FILES)

@@ -221,7 +221,11 @@ class PlacementController:
         """Control-plane numbers for the front door's /metrics."""
         return {"queue": {m: len(self.waiters.get(m, [])) for m in sorted(self.specs)},
                 **self.counts.snapshot(),
-                "devices": [self._device_status(d) for d in sorted(self.devices)]}
+                "devices": [self._device_status(d) for d in sorted(self.devices)],
+                # per time-sharing device, its schedulers' totals (workers report them)
+                "timeshare": {d: {"switches": sum(g.switches for g in s.groups.values()),
+                                  "preemptions": sum(g.preemptions for g in s.groups.values())}
+                              for d, s in sorted(self.stats.items()) if s.groups}}
 
     async def shutdown_cluster(self) -> None:
         """Stop every engine worker (``shoal down``); the controller goes next."""

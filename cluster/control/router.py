@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from cluster.control.fleet import is_actor_death
 from cluster.errors import ModelNotActiveError, RequestAbortedError, UnknownModelError
+from cluster.request_log import request_event
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,18 @@ class Router:
                      prompt_token_ids: list[int] | None = None,
                      sampling: dict | None = None,
                      request_id: str | None = None) -> AsyncIterator[dict]:
-        """Yield the request's chunks (see ``cluster.engine.request_stream``)."""
+        """Yield the request's chunks (see ``cluster.engine.request_stream``).
+        Logs ``routed`` with the device picked, then ``resumed`` (with the
+        cause and the new device) after each move or failure."""
         request_id = request_id or uuid.uuid4().hex
         desc: dict | None = None  # set by the first chunk: what resume needs
         generated: list[int] = []
         avoid: set[str] = set()
+        cause = None  # why the last hop ended: "moved" or "failed"
         for hop in range(MAX_HOPS + 1):
             device, worker = await self.pick(model, avoid, arrival=hop == 0, resuming=hop > 0)
+            request_event("resumed" if hop else "routed", request_id, model=model, device=device,
+                          cause=cause, generated=len(generated) if hop else None)
             if desc is None:
                 gen = worker.generate.options(
                     num_returns="streaming", _generator_backpressure_num_objects=BACKPRESSURE,
@@ -98,6 +104,7 @@ class Router:
             if self.on_resume is not None:
                 self.on_resume(model, cause)
             await self.refresh(force=True)
+        request_event("gave_up", request_id, model=model, hops=MAX_HOPS)
         raise RequestAbortedError(f"request {request_id!r} for {model!r} was moved "
                                   f"{MAX_HOPS} times without finishing; giving up")
 

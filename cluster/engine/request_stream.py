@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from cluster.coalesce import batches
 from cluster.errors import BadRequestError, PromptTooLongError, RequestAbortedError
+from cluster.request_log import request_event
 from policies.smoothing import ewma
 
 DEFAULT_MAX_TOKENS = 16
@@ -139,8 +140,11 @@ def sampling_params(sampling: Any, already_generated: int):
 
 
 async def run_stream(tracker: RequestTracker, shell, max_model_len: int,
-                     req: InflightRequest, generated: list[int]) -> AsyncIterator[dict]:
-    """Generate ``req`` continuing after ``generated``; yield delta chunks."""
+                     req: InflightRequest, generated: list[int],
+                     device: str | None = None) -> AsyncIterator[dict]:
+    """Generate ``req`` continuing after ``generated``; yield delta chunks.
+    Logs ``started`` and then ``finished``, ``moved`` or ``stopped``
+    (``cluster/request_log.py``) with the request's id."""
     ids = req.prompt_token_ids + generated
     if len(ids) >= max_model_len:
         raise PromptTooLongError(
@@ -157,6 +161,9 @@ async def run_stream(tracker: RequestTracker, shell, max_model_len: int,
     tracker.inflight[req.request_id] = req
     n_generated, finished = len(generated), False
     last_at = None
+    request_event("started", req.request_id, model=req.model, device=device,
+                  resumed_from=len(generated) or None)
+    outcome = "stopped"  # the consumer left or an error broke the stream
     try:
         # Whatever the engine made since the last relay travels as one chunk.
         outputs = _until_ended(shell.generate(ids, params, req.request_id), req)
@@ -182,15 +189,20 @@ async def run_stream(tracker: RequestTracker, shell, max_model_len: int,
                 yield chunk
                 first = {"num_generated": n_generated}
         if finished:
+            outcome = "finished"
             _observe(tracker, req, len(generated), n_generated, last_at)
         if req.abort_reason:
+            outcome = "aborted"
             raise RequestAbortedError(f"request {req.request_id!r} aborted: {req.abort_reason}")
         if req.moved and not finished:
+            outcome = "moved"
             # Tokens vLLM made after the last yielded chunk are dropped on
             # purpose: the caller resumes from exactly what it has received.
             yield {**first, "moved": True, "token_ids": [], "text": "", "finished": False,
                    "finish_reason": None, "num_generated": n_generated}
     finally:
+        request_event(outcome, req.request_id, model=req.model, device=device,
+                      generated=n_generated)
         tracker.inflight.pop(req.request_id, None)
         if not finished and not req.abort_reason:
             # The consumer left (cancel/close) or an error broke the stream:

@@ -214,7 +214,8 @@ class EngineWorker:
         ids = list(prompt_token_ids) if prompt_token_ids is not None \
             else serving.tokenize(prompt or "")
         req = InflightRequest(request_id or uuid.uuid4().hex, model, ids, _sampling(sampling))
-        async for chunk in run_stream(self.requests, serving, entry.spec.max_model_len, req, []):
+        async for chunk in run_stream(self.requests, serving, entry.spec.max_model_len, req, [],
+                                      device=self.device.id):
             yield chunk
 
     async def resume(self, request: dict, generated_token_ids: list[int]) -> AsyncIterator[dict]:
@@ -231,7 +232,7 @@ class EngineWorker:
         req = InflightRequest(request.get("request_id") or uuid.uuid4().hex, request["model"],
                               list(request["prompt_token_ids"]), _sampling(request.get("sampling")))
         async for chunk in run_stream(self.requests, serving, entry.spec.max_model_len, req,
-                                      list(generated_token_ids)):
+                                      list(generated_token_ids), device=self.device.id):
             yield chunk
 
     async def abort(self, request_id: str) -> bool:

@@ -36,6 +36,7 @@ from vllm.v1.engine.parallel_sampling import ParentRequest
 from vllm.v1.metrics.stats import PrefillStats
 
 from cluster.gateway.openai_serving import client_exception
+from cluster.gateway.usage import REQUEST_USAGE, Usage
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH,
            "abort": FinishReason.ABORT}
@@ -70,11 +71,15 @@ class ShoalEngineClient(EngineClient):
             request.reasoning_parser_kwargs = reasoning_parser_kwargs
         self.input_processor.assign_request_id(request)
         params = request.params
+        usage = REQUEST_USAGE.get()  # the front door's count for this request
+        if usage is not None:
+            usage.prompt_tokens += len(request.prompt_token_ids or ())
         queue = RequestOutputCollector(params.output_kind, request.request_id)
         children = self._children(request, params)
         for child, parent, index in children:
             self.output_processor.add_request(child, prompt_text, parent, index, queue)
-        pumps = [asyncio.ensure_future(self._pump(child, queue)) for child, _, _ in children]
+        pumps = [asyncio.ensure_future(self._pump(child, queue, usage))
+                 for child, _, _ in children]
         try:
             finished = False
             while not finished:
@@ -103,8 +108,9 @@ class ShoalEngineClient(EngineClient):
             out.append((child, parent, index))
         return out
 
-    async def _pump(self, child, queue: RequestOutputCollector) -> None:
-        """One child's tokens from the engines into vLLM's output processor."""
+    async def _pump(self, child, queue: RequestOutputCollector, usage: Usage | None) -> None:
+        """One child's tokens from the engines into vLLM's output processor
+        (and into the request's ``usage``, when the front door counts it)."""
         remote = child.sampling_params.clone()
         remote.n, remote.stop, remote.detokenize = 1, [], False
         remote.output_kind = RequestOutputKind.DELTA
@@ -114,6 +120,8 @@ class ShoalEngineClient(EngineClient):
                     self.model, prompt_token_ids=list(child.prompt_token_ids), sampling=remote,
                     request_id=child.request_id):
                 done = chunk["finished"]
+                if usage is not None:
+                    usage.completion_tokens += len(chunk["token_ids"])
                 if not chunk["token_ids"] and not done:
                     continue
                 out = EngineCoreOutput(
