@@ -6,7 +6,7 @@ one. A stream that relays every engine step as its own message spends its
 CPU on messages, not tokens, once many requests run at once. ``batches``
 groups a stream's items by time instead: the first item goes at once (time
 to first token is untouched), and after a send, what arrives within
-``interval_s`` (50 ms) goes together as one group, on a timer, so nothing waits for
+``interval_s`` (100 ms) goes together as one group, on a timer, so nothing waits for
 a next item that may be long in coming (a preempted request). The number of
 messages per request then follows its duration, not its token count.
 
@@ -24,14 +24,18 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-# Measured with vLLM's benchmark client at concurrency 8 on a 2-core
-# machine (shoal bench serve): 10 ms windows rarely group anything once the
-# CPU is busy (steps slow to >10 ms, so every token travelled alone and the
-# messages kept the CPU busy); 25 ms gave 433 tok/s, 50 ms 819, 100 ms 754.
-# Pacing by the consumer instead (Ray generator backpressure of one
-# message) gave 269. The window never delays the first token, and a
-# request's last chunk goes at once.
-RELAY_INTERVAL_S = 0.05
+# Chosen by measurement with vLLM's benchmark client at concurrency 8 on
+# a 2-core machine (tiny model, 64 in / 64 out, the front door's processes'
+# CPU time per output token read from /proc, three runs each, interleaved):
+# the relays (Serve's proxy, the ingress, the engine worker) spent 0.56-0.77
+# ms per token at a 50 ms window and 0.40-0.46 ms at 100 ms, and the output
+# rate rose with what they gave back to the engine (963-1284 against
+# 1389-1553 tok/s); 200 ms was no better than 100. Earlier: 10 ms windows
+# grouped nothing once the CPU was busy, and pacing by the consumer (Ray
+# generator backpressure of one message) was worse than any window. A 100 ms
+# cadence is below what a reader of streamed text notices; the first token
+# never waits for the window, and a request's last chunk goes at once.
+RELAY_INTERVAL_S = 0.1
 
 
 async def batches(items: AsyncIterator[T], interval_s: float = RELAY_INTERVAL_S,

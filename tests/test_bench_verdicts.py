@@ -42,3 +42,38 @@ def test_the_serve_goals_are_undecided_when_a_peer_is_missing():
                                                          "tpot_ms_mean": 5.0}}})
     assert goals["shoal_over_vllm_tok_s"] == 0.4 and goals["tok_s_at_least_0.75x_vllm"] is False
     assert goals["tpot_at_most_1.5x_vllm"] is False
+
+
+def test_machine_cpu_counts_other_processes_and_not_the_client():
+    """A child burning CPU shows up in the servers' CPU; this process's own
+    (the load generator's) is left out."""
+    import subprocess
+    import sys
+    import time
+
+    from cluster.bench.cpu_time import machine_cpu_s
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 0.3:  # this process: 0.3 s of CPU of its own
+        pass
+    mine = time.process_time()
+    with_me, without_me = machine_cpu_s(skip_self=False), machine_cpu_s()
+    assert abs((with_me - without_me) - mine) < 0.1  # the difference is this process
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time\nt=time.process_time()\n"
+                              "while time.process_time()-t<0.6: pass\ntime.sleep(30)"])
+    try:
+        start = machine_cpu_s()
+        time.sleep(2.0)  # the child spins 0.6 s of CPU, then sleeps (still alive)
+        burnt = machine_cpu_s() - start
+    finally:
+        child.kill()
+    assert burnt >= 0.5
+
+
+def test_the_serve_cpu_ratios_are_reported_and_undefined_without_a_peer():
+    row = {"output_tok_s": 400.0, "tpot_ms_mean": 17.0, "failed": 0,
+           "server_cpu_ms_per_token": 1.5}
+    goals = _goals({"shoal": {"8": row}, "vllm": {"8": {**row, "server_cpu_ms_per_token": 0.5}}})
+    assert goals["shoal_over_vllm_server_cpu_per_token"] == 3.0
+    assert goals["shoal_over_rayserve_llm_server_cpu_per_token"] is None

@@ -71,12 +71,13 @@ def _direct(path: str, n: int) -> list[float]:
 
 
 def run_overhead_bench(models_dir: str = ".shoal/models", requests: int = 30,
-                       port: int = 8011) -> dict:
+                       port: int = 8011,
+                       worker_niceness: int = servers.WORKER_NICENESS) -> dict:
     from cluster.testing.tiny_models import make_test_models
 
     path = str(make_test_models(Path(models_dir), [MODEL])[MODEL].resolve())
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    with servers.ray_serve(port):
+    with servers.ray_serve(port, worker_niceness):
         direct = _direct(path, requests)
         with servers.shoal(servers.one_model_catalog(path, MODEL), port) as url:
             shoal = _timed(lambda: _post(f"{url}/v1/completions", MODEL), requests)
@@ -86,6 +87,7 @@ def run_overhead_bench(models_dir: str = ".shoal/models", requests: int = 30,
            {"direct": direct, "shoal": shoal, "rayserve_llm": rayllm}.items()}
     return {
         "model": MODEL, "max_tokens": MAX_TOKENS, "requests": requests,
+        "ray_worker_niceness": worker_niceness,
         "direct_ms_p50": round(p50["direct"], 2),
         "shoal_ms_p50": round(p50["shoal"], 2),
         "rayserve_llm_ms_p50": round(p50["rayserve_llm"], 2),

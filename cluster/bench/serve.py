@@ -14,6 +14,14 @@ The servers run one at a time, so they never share the machine. Each
 median and the spread (min, max) of every figure, and the goals at
 concurrency 8 as ratios of medians. A ratio with a zero or missing
 baseline is ``null`` and its goal is ``null``: undecided, never met.
+
+Each run also reports ``server_cpu_ms_per_token``: the CPU time every
+process but the client used during the run, per output token
+(``cpu_time.py``). Throughput on two shared cores swings with whatever
+else the machine does; the CPU a server spends per token swings far less,
+and says where the difference comes from. The Ray-based servers run their
+workers at nice 0, like vLLM's server and the client (``servers.py``:
+``WORKER_NICENESS``; Ray's default, 15, makes them yield to the client).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import sys
 from pathlib import Path
 
 from cluster.bench import servers
+from cluster.bench.cpu_time import machine_cpu_s
 
 MODEL = "tiny-llama-a"
 SERVERS = ("vllm", "rayserve_llm", "shoal")
@@ -32,6 +41,7 @@ FIGURES = {"output_throughput": "output_tok_s", "mean_tpot_ms": "tpot_ms_mean",
            "median_ttft_ms": "ttft_ms_p50", "p99_ttft_ms": "ttft_ms_p99",
            "median_tpot_ms": "tpot_ms_p50", "p99_tpot_ms": "tpot_ms_p99",
            "failed": "failed", "completed": "completed"}
+OUTPUT_TOKENS = 64
 
 
 def _client_run(url: str, path: str, concurrency: int, prompts: int, seed: int) -> dict:
@@ -43,19 +53,25 @@ def _client_run(url: str, path: str, concurrency: int, prompts: int, seed: int) 
     args = parser.parse_args([
         "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
         "--model", MODEL, "--tokenizer", path, "--dataset-name", "random",
-        "--random-input-len", "64", "--random-output-len", "64", "--ignore-eos",
+        "--random-input-len", "64", "--random-output-len", str(OUTPUT_TOKENS), "--ignore-eos",
         "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
         "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "50,99",
         "--seed", str(seed), "--disable-tqdm"])
+    cpu_before = machine_cpu_s()
     result = main(args)
+    cpu_after = machine_cpu_s()
     # vLLM's figures are numpy scalars: plain floats, so the JSON can hold them.
-    return {ours: None if result.get(theirs) is None else float(result[theirs])
-            for theirs, ours in FIGURES.items()}
+    out = {ours: None if result.get(theirs) is None else float(result[theirs])
+           for theirs, ours in FIGURES.items()}
+    tokens = (out.get("completed") or 0) * OUTPUT_TOKENS  # ignore_eos: every one is whole
+    out["server_cpu_ms_per_token"] = (1000 * (cpu_after - cpu_before) / tokens
+                                      if cpu_before is not None and tokens else None)
+    return out
 
 
 def _summary(runs: list[dict]) -> dict:
     out: dict = {"repeats": len(runs)}
-    for key in FIGURES.values():
+    for key in (*FIGURES.values(), "server_cpu_ms_per_token"):
         values = [r[key] for r in runs if r.get(key) is not None]
         if not values:
             out[key] = None
@@ -78,6 +94,9 @@ def _goals(by_server: dict) -> dict:
     tput_ray = _ratio(get("shoal", "output_tok_s"), get("rayserve_llm", "output_tok_s"))
     tpot_vllm = _ratio(get("shoal", "tpot_ms_mean"), get("vllm", "tpot_ms_mean"))
     failed = get("shoal", "failed")
+    cpu = {f"shoal_over_{peer}_server_cpu_per_token": _ratio(
+        get("shoal", "server_cpu_ms_per_token"), get(peer, "server_cpu_ms_per_token"))
+        for peer in ("vllm", "rayserve_llm")}
     return {
         "concurrency": GOAL_CONCURRENCY,
         "shoal_over_vllm_tok_s": tput_vllm,
@@ -87,13 +106,15 @@ def _goals(by_server: dict) -> dict:
         "tok_s_at_least_1.5x_rayserve_llm": None if tput_ray is None else tput_ray >= 1.5,
         "tpot_at_most_1.5x_vllm": None if tpot_vllm is None else tpot_vllm <= 1.5,
         "no_failures": None if failed is None else failed == 0,
+        **cpu,  # not goals: where the throughput difference comes from
     }
 
 
 def run_serve_bench(models_dir: str = ".shoal/models", concurrencies=(1, 8, 32),
                     prompts: int = 64, repeats: int = 2, port: int = 8012,
                     plot: str | None = "bench-results/serve.png",
-                    which: tuple[str, ...] = SERVERS) -> dict:
+                    which: tuple[str, ...] = SERVERS,
+                    worker_niceness: int = servers.WORKER_NICENESS) -> dict:
     from cluster.testing.tiny_models import make_test_models
 
     path = str(make_test_models(Path(models_dir), [MODEL])[MODEL].resolve())
@@ -106,14 +127,16 @@ def run_serve_bench(models_dir: str = ".shoal/models", concurrencies=(1, 8, 32),
             runs = [_client_run(url, path, c, prompts, seed=r) for r in range(repeats)]
             rows[str(c)] = _summary(runs)
             print(f"[serve] {name:12s} c={c:3d}: {rows[str(c)]['output_tok_s']} tok/s, "
-                  f"TPOT {rows[str(c)]['tpot_ms_mean']} ms, failed {rows[str(c)]['failed']}",
+                  f"TPOT {rows[str(c)]['tpot_ms_mean']} ms, "
+                  f"server CPU {rows[str(c)]['server_cpu_ms_per_token']} ms/token, "
+                  f"failed {rows[str(c)]['failed']}",
                   file=sys.stderr)
 
     if "vllm" in which:
         with servers.vllm_server(path, MODEL, port + 1) as url:
             sweep("vllm", url)
     if {"rayserve_llm", "shoal"} & set(which):
-        with servers.ray_serve(port):
+        with servers.ray_serve(port, worker_niceness):
             if "rayserve_llm" in which:
                 with servers.rayserve_llm(path, MODEL, port) as url:
                     sweep("rayserve_llm", url)
@@ -124,6 +147,7 @@ def run_serve_bench(models_dir: str = ".shoal/models", concurrencies=(1, 8, 32),
                                        "output_tokens": 64, "ignore_eos": True,
                                        "prompts": prompts},
            "client": "vllm.benchmarks.serve", "repeats": repeats,
+           "ray_worker_niceness": worker_niceness,
            "servers": by_server, "goals": _goals(by_server)}
     if plot:
         out["plot"] = _plot(by_server, plot)

@@ -83,8 +83,18 @@ def rayserve_llm(path: str, model: str, port: int) -> Iterator[str]:
         serve.delete("rayllm")
 
 
+# Ray starts its worker processes at nice 15 (its ``worker_niceness``), so
+# that on a busy node its own raylet and GCS keep the CPU. Here the load
+# generator (this process) shares two cores with the servers and runs at
+# nice 0, as does vLLM's own server: at 15, every Ray-based server (Ray
+# Serve LLM and Shoal alike: engine, relays and Serve's proxy) gives way to
+# the client that measures it, which vLLM's server does not. The peers are
+# measured on equal terms at 0; ``--worker-niceness 15`` shows Ray's default.
+WORKER_NICENESS = 0
+
+
 @contextlib.contextmanager
-def ray_serve(port: int) -> Iterator[None]:
+def ray_serve(port: int, worker_niceness: int = WORKER_NICENESS) -> Iterator[None]:
     """A local Ray instance with Serve's HTTP proxy on ``port``."""
     import ray
     from ray import serve
@@ -92,6 +102,7 @@ def ray_serve(port: int) -> Iterator[None]:
     # address="local": a fresh instance even when another Ray cluster runs on
     # this machine (ray.init would join it, and refuse num_cpus).
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _system_config={"worker_niceness": worker_niceness},
              runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

@@ -5,7 +5,7 @@ resume from an empty token prefix. Chunks are plain dicts (they cross the
 Ray boundary); the first one carries the request description a caller needs
 to resume the request on another engine later. A chunk carries every token
 made since the last one was sent (``cluster/coalesce.py``): the first token
-goes at once, later ones travel together within a 50 ms window.
+goes at once, later ones travel together within a 100 ms window.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def _run_bench(args) -> dict:
     elif args.what == "overhead":
         from cluster.bench.overhead import run_overhead_bench
 
-        result = run_overhead_bench(args.models_dir, requests=args.requests)
+        result = run_overhead_bench(args.models_dir, requests=args.requests,
+                                    worker_niceness=args.worker_niceness)
     elif args.what == "timeshare":
         from cluster.bench.timeshare import run_timeshare_bench
 
@@ -62,7 +63,8 @@ def _run_bench(args) -> dict:
 
         result = run_serve_bench(args.models_dir, concurrencies=tuple(args.concurrency),
                                  prompts=args.prompts, repeats=args.repeats,
-                                 plot=args.serve_plot or None, which=tuple(args.servers))
+                                 plot=args.serve_plot or None, which=tuple(args.servers),
+                                 worker_niceness=args.worker_niceness)
     elif args.what == "elastic":
         from cluster.bench.elastic import run_elastic_bench
 
@@ -166,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["vllm", "rayserve_llm", "shoal"], help="serve: which servers")
     b.add_argument("--serve-plot", default="bench-results/serve.png",
                    help="serve: where to save the throughput plot ('' = none)")
+    b.add_argument("--worker-niceness", type=int, default=0,
+                   help="serve, overhead: nice level of the Ray workers (Ray's default is 15; "
+                        "0 puts the Ray-based servers on the footing of vLLM's own server "
+                        "and the client: cluster/bench/servers.py)")
     b.set_defaults(fn=_bench)
 
     sim = sub.add_parser("simulate", help="the discrete-event simulator (cluster/sim/); prints JSON")
