@@ -28,6 +28,11 @@ from cluster.engine.cpu_weight_swap import EXTENSION_QUALNAME
 from cluster.engine.platform import EngineCaps
 from cluster.errors import CheckpointError, IncompatibleModelError
 
+# A SIGKILLed engine worker leaves its vLLM engine-core processes behind;
+# with this in the raylet's environment the raylet adopts (subreaper) and
+# kills them (``shoal up``, the test cluster, ``shoal bench chaos``).
+REAP_ENV = "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"
+
 log = logging.getLogger(__name__)
 
 # EngineShell.last_swap_path values
