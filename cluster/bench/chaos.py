@@ -87,11 +87,16 @@ class Bench:
                 return n
         raise RuntimeError(f"no worker node {node_id}")
 
-    async def ensure_two_copies(self) -> float:
-        """Load the model on every alive accelerator device lacking it."""
+    async def ensure_two_copies(self, want_devices: int = 1) -> float:
+        """Load the model on every alive accelerator device lacking it, once
+        at least ``want_devices`` are alive (their workers report stats)."""
         from cluster.control.controller import get_controller
 
         t = time.monotonic()
+        while sum(d["alive"] for d in await self.devices()) < want_devices:
+            if time.monotonic() - t > 120:
+                raise RuntimeError(f"fewer than {want_devices} devices alive after 120 s")
+            await asyncio.sleep(1.0)
         for d in await self.devices():
             if d["alive"] and MODEL not in d["models"]:
                 await asyncio.wait_for(get_controller().load.remote(MODEL, d["id"]), 300)
@@ -154,7 +159,7 @@ class Bench:
                                len(orphans))}
         if kind != "remove_node":
             try:
-                entry["restore_s"] = round(await self.ensure_two_copies(), 2)
+                entry["restore_s"] = round(await self.ensure_two_copies(len(ACCELS)), 2)
             except Exception as e:  # noqa: BLE001 - reported, the next fault still runs
                 entry["restore_error"] = repr(e)[:300]
         print(f"[chaos] {kind}: {entry}", file=sys.stderr)
@@ -163,7 +168,7 @@ class Bench:
 
 async def _bench(b: Bench, kinds: list[str]) -> dict:
     t = time.monotonic()
-    await b.ensure_two_copies()
+    await b.ensure_two_copies(want_devices=len(ACCELS))
     setup_s = time.monotonic() - t
     ref = await b.request(True, -1)
     ref_body = await b.request(False, -2)
