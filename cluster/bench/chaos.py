@@ -45,7 +45,6 @@ STREAMS, BODIES = 2, 2
 END_BOUND_S = 120.0  # every request in flight ends within this (its timeout)
 RECOVERY_BOUND_S = 150.0  # polling a new request gives up after this
 ORPHAN_GRACE_S = 10.0  # the raylet's reaping gets this long
-LOOPBACK = "127.0.0.1"
 ACCELS = {"A100": {"shoal-node-a100": 1}, "L4": {"shoal-node-l4": 1}}
 
 
@@ -216,12 +215,13 @@ def run_chaos_bench(models_dir: str, faults_to_run: list[str] | None = None,
 
     catalog = _catalog(models_dir)
     baseline = faults.all_engine_cores()  # other people's: never counted, never touched
-    # Every node on loopback: the bench's traffic stays on 127.0.0.1.
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 2, "node_ip_address": LOOPBACK})
+    # As the test suite builds it (tests/conftest.py). Ray binds the nodes
+    # to this machine's own address; node_ip_address="127.0.0.1" leaves the
+    # driver dialling a GCS it cannot reach. The OpenAI traffic is on 127.0.0.1.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     for accel, extra in ACCELS.items():
-        cluster.add_node(num_cpus=0, num_gpus=1, node_ip_address=LOOPBACK,
-                         resources={f"accelerator_type:{accel}": 1, **extra})
+        cluster.add_node(num_cpus=0, num_gpus=1, resources={f"accelerator_type:{accel}": 1,
+                                                            **extra})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
