@@ -34,6 +34,7 @@ def make_client(base_url: str, api_key: str = "unused"):
 async def send(client, model: str, prompt: list[int] | str, max_tokens: int, streaming: bool,
                timeout_s: float, request_id: str | None = None) -> Outcome:
     """One greedy completion of exactly ``max_tokens`` tokens (``ignore_eos``)."""
+    import httpx
     import openai
 
     sent = time.monotonic()
@@ -51,7 +52,10 @@ async def send(client, model: str, prompt: list[int] | str, max_tokens: int, str
                        retry_after="retry-after" in e.response.headers)
     except (TimeoutError, openai.APITimeoutError):
         return Outcome(Ending.LOST, time.monotonic() - sent, streaming, why="timeout")
-    except (openai.APIConnectionError, openai.APIResponseValidationError):
+    except (openai.APIConnectionError, openai.APIResponseValidationError, httpx.HTTPError,
+            json.JSONDecodeError):
+        # A stream read through raw lines raises httpx's own errors (a
+        # connection cut mid-body: no [DONE], no error event).
         return Outcome(Ending.LOST, time.monotonic() - sent, streaming, why="dropped")
     choice = out.choices[0] if out.choices else None
     tokens = out.usage.completion_tokens if out.usage else 0
