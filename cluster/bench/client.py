@@ -50,7 +50,7 @@ async def send(client, model: str, prompt: list[int] | str, max_tokens: int, str
     except openai.APIStatusError as e:
         return Outcome(Ending.REFUSED, time.monotonic() - sent, streaming, status=e.status_code,
                        retry_after="retry-after" in e.response.headers)
-    except (TimeoutError, openai.APITimeoutError):
+    except (TimeoutError, openai.APITimeoutError, httpx.TimeoutException):
         return Outcome(Ending.LOST, time.monotonic() - sent, streaming, why="timeout")
     except (openai.APIConnectionError, openai.APIResponseValidationError, httpx.HTTPError,
             json.JSONDecodeError):
