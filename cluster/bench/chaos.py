@@ -52,7 +52,10 @@ def _catalog(models_dir: str) -> dict:
     paths = make_test_models(models_dir, [MODEL, COLD])
     models = [{"name": m, "path": str(Path(paths[m]).resolve()),
                "family": "tiny-qwen" if m == COLD else "tiny-llama", "max_model_len": 2048,
-               "kv_cache_bytes": KV_BYTES, "allowed_vendors": ["nvidia"], "max_replicas": 2}
+               "kv_cache_bytes": KV_BYTES, "allowed_vendors": ["nvidia"],
+               # Two copies kept by the policy (the first run loaded two by
+               # admin and found one at the start: min_replicas 0 let it go).
+               "min_replicas": 2 if m == MODEL else 0, "max_replicas": 2}
               for m in (MODEL, COLD)]
     footprint = ModelSpec(**models[0]).resolved().weights_bytes + KV_BYTES
     accel = {"memory_bytes": footprint + 8 * 2**20, "speed": 1.0}

@@ -81,10 +81,24 @@ def kill_worker(t: Target) -> str:
     return f"ray.kill of the engine worker of {t.device}"
 
 
+def _chain(pid: int) -> list[str]:
+    import psutil
+
+    try:
+        return [f"{p.pid}:{p.name()}" for p in psutil.Process(pid).parents()]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def sigkill_engine_core(t: Target) -> str:
     pids = engine_cores_under(raylet_pid(t.node))
     if not pids:
-        raise RuntimeError(f"no engine-core process under the raylet of {t.device}'s node")
+        # The first run found none under the raylet (unexplained yet): say
+        # where every engine core of this machine sits, for the next look.
+        where = {pid: _chain(pid)[:4] for pid in sorted(all_engine_cores())}
+        raise RuntimeError(f"no engine-core process under the raylet "
+                           f"{raylet_pid(t.node)} of {t.device}'s node; engine cores and "
+                           f"their parents: {where}")
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     return f"SIGKILL of engine core(s) {pids} on {t.device}'s node"
