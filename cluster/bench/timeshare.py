@@ -66,11 +66,12 @@ STILL_POLICY = {"hot_rate": 1e9, "cold_rate": 1e9, "idle_unload_s": 1e9, "consol
 
 
 def make_trace(rate: float, n: int, seed: int, vocab: int,
-               output: tuple[float, float, int] = (OUTPUT_MEDIAN, OUTPUT_SIGMA, OUTPUT_MAX)
-               ) -> list[dict]:
-    """``n`` requests: Poisson arrivals at ``rate``/s, models uniform,
-    prompts 16-96 tokens, outputs ``output`` = (median, sigma, max) of a
-    lognormal clipped to [8, max]."""
+               output: tuple[float, float, int] = (OUTPUT_MEDIAN, OUTPUT_SIGMA, OUTPUT_MAX),
+               models: list[str] | None = None) -> list[dict]:
+    """``n`` requests: Poisson arrivals at ``rate``/s, models uniform over
+    ``models`` (default ``MODELS``), prompts 16-96 tokens, outputs
+    ``output`` = (median, sigma, max) of a lognormal clipped to [8, max]."""
+    models = models or MODELS
     median, sigma, most = output
     import numpy as np
 
@@ -78,7 +79,7 @@ def make_trace(rate: float, n: int, seed: int, vocab: int,
     t, out = 0.0, []
     for i in range(n):
         t += rng.exponential(1.0 / rate)
-        out.append({"at": t, "model": MODELS[int(rng.integers(len(MODELS)))],
+        out.append({"at": t, "model": models[int(rng.integers(len(models)))],
                     "prompt_token_ids": [int(x) for x in
                                          rng.integers(16, vocab - 1, int(rng.integers(16, 97)))],
                     "max_tokens": int(np.clip(rng.lognormal(math.log(median), sigma), 8, most)),

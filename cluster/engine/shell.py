@@ -28,7 +28,27 @@ from cluster.engine.cpu_weight_swap import EXTENSION_QUALNAME
 from cluster.engine.platform import EngineCaps
 from cluster.errors import CheckpointError, IncompatibleModelError
 
+# A SIGKILLed engine worker leaves its vLLM engine-core processes behind;
+# with this in the raylet's environment the raylet adopts (subreaper) and
+# kills them (``shoal up``, the test cluster, ``shoal bench chaos``).
+REAP_ENV = "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"
+
 log = logging.getLogger(__name__)
+
+
+def engine_died(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) says a vLLM engine is dead: its
+    engine-core process was killed or crashed. Such an engine never serves
+    again, unlike a request that failed."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, EngineDeadError):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 # EngineShell.last_swap_path values
 RELOAD, PREPARED = "reload", "prepared"

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -45,6 +46,7 @@ from cluster.engine.registry import ACTIVE, PARKED, TIMESHARED, UNLOADING, Model
 from cluster.engine.request_stream import InflightRequest, RequestTracker, run_stream
 from cluster.engine.residency import Residency
 from cluster.engine.serving import DedicatedServing, Serving
+from cluster.engine.shell import engine_died
 from cluster.engine.shell_pool import ShellPool
 from cluster.engine.weight_cache import HostWeightCache
 from cluster.errors import BadRequestError, ModelNotActiveError
@@ -214,8 +216,8 @@ class EngineWorker:
         ids = list(prompt_token_ids) if prompt_token_ids is not None \
             else serving.tokenize(prompt or "")
         req = InflightRequest(request_id or uuid.uuid4().hex, model, ids, _sampling(sampling))
-        async for chunk in run_stream(self.requests, serving, entry.spec.max_model_len, req, [],
-                                      device=self.device.id):
+        async for chunk in _or_die(run_stream(self.requests, serving, entry.spec.max_model_len,
+                                              req, [], device=self.device.id), self.device.id):
             yield chunk
 
     async def resume(self, request: dict, generated_token_ids: list[int]) -> AsyncIterator[dict]:
@@ -231,8 +233,9 @@ class EngineWorker:
         entry, serving = self._serving(request["model"])
         req = InflightRequest(request.get("request_id") or uuid.uuid4().hex, request["model"],
                               list(request["prompt_token_ids"]), _sampling(request.get("sampling")))
-        async for chunk in run_stream(self.requests, serving, entry.spec.max_model_len, req,
-                                      list(generated_token_ids), device=self.device.id):
+        async for chunk in _or_die(run_stream(self.requests, serving, entry.spec.max_model_len,
+                                              req, list(generated_token_ids),
+                                              device=self.device.id), self.device.id):
             yield chunk
 
     async def abort(self, request_id: str) -> bool:
@@ -312,3 +315,26 @@ def start_engine_worker(device: DeviceSpec, name: str | None = None, **actor_opt
         opts["name"] = name
     opts.update(actor_options)
     return ray.remote(EngineWorker).options(**opts).remote(device)
+
+
+async def _or_die(chunks: AsyncIterator[dict], device: str) -> AsyncIterator[dict]:
+    """Relay a request's chunks; if its vLLM engine has died (engine-core
+    process killed or crashed: ``shell.engine_died``), end this worker's
+    process. Why the whole worker: a dead engine never serves again, yet
+    its copies would still look routable, and every request sent there
+    would fail with an error instead of moving. A dead worker is the case
+    the rest of Shoal already handles: the router resumes each request in
+    flight on another copy from the tokens it has (identical greedy
+    output), the controller replaces the worker and places the models
+    again, and the raylet (``REAP_ENV``) reaps the other engine cores."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as e:
+        if engine_died(e):
+            log.error("a vLLM engine on %s died (%r): ending the worker so its requests "
+                      "resume elsewhere", device, e)
+            for h in logging.getLogger().handlers:
+                h.flush()
+            os._exit(1)
+        raise

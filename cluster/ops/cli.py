@@ -69,6 +69,16 @@ def _run_bench(args) -> dict:
         from cluster.bench.elastic import run_elastic_bench
 
         result = run_elastic_bench(args.models_dir)
+    elif args.what == "load":
+        from cluster.bench.load import run_load_bench
+
+        result = run_load_bench(args.models_dir, rates=args.load_rates, factor=args.factor,
+                                max_rates=args.max_rates, duration_s=args.duration_s,
+                                n_models=args.models, seed=args.seed)
+    elif args.what == "chaos":
+        from cluster.bench.chaos import run_chaos_bench
+
+        result = run_chaos_bench(args.models_dir, faults_to_run=args.faults)
     else:  # argparse restricts choices
         raise AssertionError(args.what)
     return result
@@ -137,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     m.set_defaults(fn=_make_test_models)
 
     b = sub.add_parser("bench", help="benchmarks that print one JSON object")
-    b.add_argument("what", choices=["swap", "overhead", "timeshare", "serve", "elastic"])
+    b.add_argument("what", choices=["swap", "overhead", "timeshare", "serve", "elastic",
+                                        "load", "chaos"])
     b.add_argument("--json", action="store_true", help="one line of JSON")
     b.add_argument("--models-dir", default=".shoal/models")
     b.add_argument("--swaps", type=int, default=10, help="swap: swaps to time")
@@ -172,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="serve, overhead: nice level of the Ray workers (Ray's default is 15; "
                         "0 puts the Ray-based servers on the footing of vLLM's own server "
                         "and the client: cluster/bench/servers.py)")
+    b.add_argument("--load-rates", type=float, nargs="+", default=None,
+                   help="load: the first rates (req/s; default 1); then stepped by --factor")
+    b.add_argument("--factor", type=float, default=2.0, help="load: rate step factor")
+    b.add_argument("--max-rates", type=int, default=7, help="load: most rates measured")
+    b.add_argument("--duration-s", type=float, default=20.0,
+                   help="load: seconds of arrivals per rate")
+    b.add_argument("--models", type=int, default=8, help="load: catalog models (8)")
+    b.add_argument("--faults", nargs="+", default=None,
+                   help="chaos: fault kinds (default all): kill_worker sigkill_engine_core "
+                        "kill_controller kill_ingress remove_node")
     b.set_defaults(fn=_bench)
 
     sim = sub.add_parser("simulate", help="the discrete-event simulator (cluster/sim/); prints JSON")

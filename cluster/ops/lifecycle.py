@@ -17,10 +17,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from cluster.engine.shell import REAP_ENV
+
 STATE_FILE = Path(".shoal/up.json")
-# A SIGKILLed engine worker leaves its vLLM engine-core processes behind;
-# with this the raylet adopts (subreaper) and kills them.
-REAP_ENV = "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"
 APP_NAME = "shoal"
 
 
