@@ -177,7 +177,11 @@ def test_controller_restart_rebuilds_state(controller):
     assert ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
 
 
-LONG = {"temperature": 0.0, "max_tokens": 60}
+# Long enough to still be running when the migration evacuates it: a slow
+# client lets the worker run BACKPRESSURE relay windows ahead (4 x 100 ms),
+# which at 60 tokens (as this was) held the whole answer on a fast machine,
+# and the stream finished before it could move.
+LONG = {"temperature": 0.0, "max_tokens": 450, "ignore_eos": True}
 
 
 def test_consolidation_migrates_a_model_with_a_stream_in_flight(controller):
