@@ -66,9 +66,9 @@ STILL_POLICY = {"hot_rate": 1e9, "cold_rate": 1e9, "idle_unload_s": 1e9, "consol
 
 
 def make_trace(rate: float, n: int, seed: int, vocab: int,
-               output: tuple[float, float, int] = (OUTPUT_MEDIAN, OUTPUT_SIGMA, OUTPUT_MAX)
-               ) -> list[dict]:
-    """``n`` requests: Poisson arrivals at ``rate``/s, models uniform,
+               output: tuple[float, float, int] = (OUTPUT_MEDIAN, OUTPUT_SIGMA, OUTPUT_MAX),
+               models: list[str] = MODELS) -> list[dict]:
+    """``n`` requests: Poisson arrivals at ``rate``/s, ``models`` uniform,
     prompts 16-96 tokens, outputs ``output`` = (median, sigma, max) of a
     lognormal clipped to [8, max]."""
     median, sigma, most = output
@@ -78,7 +78,7 @@ def make_trace(rate: float, n: int, seed: int, vocab: int,
     t, out = 0.0, []
     for i in range(n):
         t += rng.exponential(1.0 / rate)
-        out.append({"at": t, "model": MODELS[int(rng.integers(len(MODELS)))],
+        out.append({"at": t, "model": models[int(rng.integers(len(models)))],
                     "prompt_token_ids": [int(x) for x in
                                          rng.integers(16, vocab - 1, int(rng.integers(16, 97)))],
                     "max_tokens": int(np.clip(rng.lognormal(math.log(median), sigma), 8, most)),
@@ -220,12 +220,26 @@ async def _measure_step(door: FrontDoor, batch: int = STEP_BATCH, runs: int = 3)
     return min(per_run[1:])
 
 
-def _catalog(models_dir: str) -> tuple[dict, int]:
-    """Eight same-family models, one time-sharing CPU device that holds one
-    model's footprint; the footprint."""
-    paths = make_test_models(models_dir, MODELS)
+def scaled_slo(step_s: float) -> tuple[SLO, float]:
+    """Aegaeon's SLOs scaled by this machine's measured decode step: (SLO, scale)."""
+    scale = step_s / AEGAEON_STEP_S
+    return SLO(ttft_s=AEGAEON_SLO["ttft_s"] * scale, tpot_s=AEGAEON_SLO["tpot_s"] * scale), scale
+
+
+def timeshare_settings(discipline: str, scale: float) -> TimeshareConfig:
+    """The device's turn knobs under ``discipline``: the catalog defaults,
+    Aegaeon's round bound scaled like its SLOs (same units)."""
+    max_round_s = TimeshareConfig().max_round_s * scale
+    return TimeshareConfig(discipline=discipline, max_round_s=max_round_s,
+                           min_quota_s=min(TimeshareConfig().min_quota_s, max_round_s))
+
+
+def _catalog(models_dir: str, names: list[str] = MODELS) -> tuple[dict, int]:
+    """Same-family models (``names``), one time-sharing CPU device that holds
+    one model's footprint; the footprint."""
+    paths = make_test_models(models_dir, names)
     models = [{"name": m, "path": str(paths[m].resolve()), "family": "tiny-llama",
-               "max_model_len": MAX_MODEL_LEN, "kv_cache_bytes": KV_BYTES} for m in MODELS]
+               "max_model_len": MAX_MODEL_LEN, "kv_cache_bytes": KV_BYTES} for m in names]
     footprint = ModelSpec(**models[0]).resolved().weights_bytes + KV_BYTES
     return {"models": models,
             "cpu_devices": [{"id": DEVICE, "memory_bytes": footprint + 2**20,
@@ -233,11 +247,11 @@ def _catalog(models_dir: str) -> tuple[dict, int]:
             "controller": {"policy_config": STILL_POLICY}}, footprint
 
 
-async def _place(door: FrontDoor) -> float:
+async def _place(door: FrontDoor, names: list[str] = MODELS) -> float:
     """One request per model, in turn: the first starts the device's engine,
     the others join it. Seconds it took."""
     t = time.monotonic()
-    for i, m in enumerate(MODELS):
+    for i, m in enumerate(names):
         await _one(door, {"at": 0.0, "model": m, "max_tokens": 2, "id": f"place{i}",
                           "prompt_token_ids": [16 + i, 17, 18, 19]}, time.monotonic())
     return time.monotonic() - t
@@ -288,8 +302,7 @@ async def _bench(url: str, worker, catalog: dict, footprint: int, rates: list[fl
     first = catalog["models"][0]["path"]
     vocab = json.loads((Path(first) / "config.json").read_text())["vocab_size"]
     step = await _measure_step(door)
-    scale = step / AEGAEON_STEP_S
-    slo = SLO(ttft_s=AEGAEON_SLO["ttft_s"] * scale, tpot_s=AEGAEON_SLO["tpot_s"] * scale)
+    slo, scale = scaled_slo(step)
     for m in MODELS:
         await worker.set_slo.remote(m, slo.model_dump())
     print(f"[timeshare] measured step {step * 1e3:.2f} ms at batch {STEP_BATCH}: "
@@ -313,9 +326,7 @@ async def _bench(url: str, worker, catalog: dict, footprint: int, rates: list[fl
                                              "sigma": output[1], "min": 8, "max": output[2]},
                            "prompt_tokens": "16-96"}}
     for disc in disciplines:
-        await worker.set_timeshare.remote({
-            "discipline": disc, "max_round_s": max_round_s,
-            "min_quota_s": min(TimeshareConfig().min_quota_s, max_round_s)})
+        await worker.set_timeshare.remote(timeshare_settings(disc, scale).model_dump())
         out[disc] = await _sweep(door, disc, rates, bracket,
                                  lambda rate: _measure(door, rate, requests, seeds, vocab,
                                                        output, slo), len(seeds))

@@ -1,0 +1,75 @@
+"""``shoal simulate --fidelity``: the simulator against the live device.
+
+One seeded trace (``bench timeshare``'s generator over ``--models`` tiny
+models), saved under ``bench-results/fidelity/``, is served twice with the
+same SLOs and the same turn config: live (``cluster/bench/fidelity.py``,
+through the OpenAI front door, ``token`` turns) and simulated
+(``cluster/sim/fidelity.py``'s ``simulate_timeshared`` on the measured
+device profile). ``compare`` there defines the three errors.
+
+The profile is ``--profile`` if given; otherwise ``.shoal/profiles/cpu.json``
+if it exists (reused: the JSON says so, and when it was measured), else
+``shoal profile`` measures it now, before the live run (never during it:
+both would share the two cores).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from cluster.bench import fidelity as live_half
+from cluster.sim import fidelity as sim_half
+from cluster.sim.profiles import alias, load_device_file
+
+DEFAULT_PROFILE = Path(".shoal/profiles/cpu.json")
+OUT_DIR = Path("bench-results/fidelity")
+
+
+def _profile(args) -> tuple[Path, str]:
+    if args.profile:
+        return Path(args.profile), "given (--profile)"
+    if DEFAULT_PROFILE.exists():
+        return DEFAULT_PROFILE, "reused (already present; not measured by this run)"
+    from cluster.bench.profile import run_profile
+
+    print(f"[fidelity] no {DEFAULT_PROFILE}: measuring it (shoal profile)", file=sys.stderr)
+    run_profile(args.models_dir, str(DEFAULT_PROFILE))
+    return DEFAULT_PROFILE, "measured by this run (shoal profile)"
+
+
+def run_fidelity(args) -> dict:
+    names = live_half.model_names(args.models or live_half.MIN_MODELS)
+    requests = args.requests
+    trace = live_half.make_fidelity_trace(args.models_dir, names, requests, args.seed)
+    trace_path = live_half.write_trace(
+        trace, OUT_DIR / f"trace-{len(names)}m-{requests}r-seed{args.seed}.csv")
+    profile_path, profile_source = _profile(args)
+    device = load_device_file(profile_path)
+    live = live_half.run_live(args.models_dir, names, trace)
+    sim = sim_half.simulate_timeshared(
+        trace_path, device, [alias(live.model, n) for n in names], live.slo.ttft_s,
+        live.slo.tpot_s, turns=live.turns, kv_cache_bytes=live.kv_cache_bytes)
+    out = sim_half.compare(live.latencies, sim_half.latencies(sim))
+    measured_at = device.measured.notes.get("measured_at") if device.measured else None
+    return {
+        "ttft_rel_error": out.pop("ttft_rel_error"),
+        "tpot_rel_error": out.pop("tpot_rel_error"),
+        "attainment_rel_error": out.pop("attainment_rel_error"),
+        "goal_met": out.pop("goal_met"),
+        **out,
+        "trace": {"path": str(trace_path), "models": names, "requests": requests,
+                  "seed": args.seed, "rate": live_half.RATE,
+                  "output_tokens": dict(zip(("lognormal_median", "sigma", "max"),
+                                            live_half.OUTPUT))},
+        "profile": {"path": str(profile_path), "source": profile_source,
+                    "measured_at": measured_at, "device": device.name},
+        "slo": {"ttft_s": round(live.slo.ttft_s, 4), "tpot_s": round(live.slo.tpot_s, 5),
+                "measured_step_s": round(live.measured_step_s, 5),
+                "basis": "bench timeshare: Aegaeon's SLOs scaled by the step"},
+        "turns": {"discipline": live.turns.discipline, "min_quota_s": live.turns.min_quota_s,
+                  "max_round_s": round(live.turns.max_round_s, 4),
+                  "default_step_s": live.turns.default_step_s},
+        "live": {**live.summary, "failed": list(live.errors)},
+        "sim": {**sim.summary, "switches": sim.switches, "preemptions": sim.preemptions},
+    }
