@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.sim.fidelity import Latency, aliases, compare, latencies, simulate_timeshared
+from cluster.sim.fidelity import (Latency, aliases, compare, latencies, path_latency_s,
+                                   served_profile, simulate_timeshared)
 from cluster.sim.profiles import ModelProfile
 from cluster.sim.workload import Arrival, write_csv
 from policies.turns import TurnConfig
@@ -89,3 +90,23 @@ def test_the_simulated_half_is_deterministic_and_preempts(tmp_path):
     assert 4 * a.outcomes[0].tpot_s == pytest.approx(
         0.02 + 0.04 + 4 * 0.004 + 0.02 + 0.031 + 3 * 0.004, abs=2e-3)
     assert compare(latencies(a), latencies(b))["ttft_rel_error"] == 0.0
+
+
+def test_the_serving_path_is_charged_as_measured(tmp_path):
+    m0, _ = (m.name for m in aliases(TINY, 2))
+    trace = [Arrival(0.0, m0, 20, 5)]
+    # 40 ms of path: the request reaches the engine 40 ms after it was sent.
+    r = simulate_timeshared(trace, DEVICE, aliases(TINY, 2), ttft_slo_s=0.06, tpot_slo_s=0.1,
+                            turns=CPU_TURNS, kv_cache_bytes=2**20, path_s=0.04)
+    (o,) = r.outcomes
+    assert (o.arrived_s, o.ttft_s, o.tpot_s) == pytest.approx((0.0, 0.07, 0.004))
+    assert not o.met_slo and r.summary["slo_attainment"] == 0.0  # 70 ms > 60 ms
+    # The path is an idle TTFT less the profile's prefill (10 ms + 1 ms/token).
+    assert path_latency_s(DEVICE, 0.05, 20) == pytest.approx(0.02)
+    assert path_latency_s(DEVICE, 0.01, 20) == 0.0
+    # The step as requests see it through the front door replaces the engine's.
+    served = served_profile(DEVICE, {1: 0.006, 8: 0.01})
+    (s,) = simulate_timeshared(trace, served, aliases(TINY, 2), 1.0, 0.1, turns=CPU_TURNS,
+                               kv_cache_bytes=2**20).outcomes
+    assert s.tpot_s == pytest.approx(0.006)
+    assert served.measured.notes["engine_decode_step_s_by_batch"] == {1: 0.004, 8: 0.006}

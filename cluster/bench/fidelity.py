@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +38,11 @@ from policies.turns import TurnConfig
 RATE = 0.5
 OUTPUT = (64.0, 0.8, 400)  # lognormal median, sigma, cap of output tokens
 MIN_MODELS = 4
+# The serving path as requests see it, measured on the idle device before
+# the replay: single requests of this prompt length for the path latency,
+# and the decode step at these batch sizes (``timeshare._measure_step``).
+PATH_PROMPT_TOKENS, PATH_SAMPLES = 32, 8
+SERVED_STEP_BATCHES = (1, 8)
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -48,6 +54,12 @@ class LiveRun:
     slo: SLO  # both runs score against it
     measured_step_s: float  # the SLO scale's basis (``timeshare._measure_step``)
     turns: TurnConfig  # the device's turn settings in force during the replay
+    # Through the front door on the idle device, before the replay: the
+    # median TTFT of single requests of PATH_PROMPT_TOKENS (engine prefill
+    # plus the path: HTTP, Serve, router, worker, relay), and the decode step
+    # per batch size as the requests' token gaps show it.
+    idle_ttft_s: float
+    served_step_s_by_batch: dict[int, float]
     model: ModelProfile  # the served models' shapes (all are aliases of it)
     kv_cache_bytes: int  # the time-shared engine's KV cache
     summary: dict  # the bench's row: attainment, percentiles, switches, wall time
@@ -101,6 +113,16 @@ async def _one_kept(door, req: dict, t0: float) -> tuple[Latency | None, str | N
     return Latency(r["ttft_s"], r["tpot_s"] if r["tokens"] > 1 else None, False), None
 
 
+async def _idle_ttft(door, model: str) -> float:
+    """Median TTFT of single requests, one at a time, to the resident model."""
+    out = []
+    for i in range(PATH_SAMPLES):
+        req = {"at": 0.0, "model": model, "max_tokens": 2, "id": f"path{i}",
+               "prompt_token_ids": [16 + (i * 13 + k) % 400 for k in range(PATH_PROMPT_TOKENS)]}
+        out.append((await timeshare._one(door, req, time.monotonic()))["ttft_s"])
+    return statistics.median(out)
+
+
 async def _run(url: str, worker, names: list[str], trace: list[dict],
                model: ModelProfile) -> LiveRun:
     from cluster.engine.timeshare import turn_config
@@ -111,7 +133,9 @@ async def _run(url: str, worker, names: list[str], trace: list[dict],
     if len(stats.shells) != 1 or len(stats.models) != len(names):
         raise RuntimeError(f"expected {len(names)} models in one engine, found "
                            f"{len(stats.models)} in {len(stats.shells)}")
-    step = await timeshare._measure_step(door)
+    served = {b: await timeshare._measure_step(door, batch=b) for b in SERVED_STEP_BATCHES}
+    step = served[timeshare.STEP_BATCH]
+    idle_ttft = await _idle_ttft(door, names[0])
     slo, scale = timeshare.scaled_slo(step)
     for m in names:
         await worker.set_slo.remote(m, slo.model_dump())
@@ -133,7 +157,7 @@ async def _run(url: str, worker, names: list[str], trace: list[dict],
     summary = timeshare._row(done, deltas, wall, slo) if done else {"requests": 0}
     summary["switches"], summary["preemptions"] = int(deltas["switches"]), \
         int(deltas["preemptions"])
-    return LiveRun(tuple(lat), slo, step, turns, model, timeshare.KV_BYTES, summary,
+    return LiveRun(tuple(lat), slo, step, turns, idle_ttft, served, model, timeshare.KV_BYTES, summary,
                    tuple(e for _, e in kept if e))
 
 

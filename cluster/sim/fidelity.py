@@ -142,20 +142,70 @@ class FidelityResult:
 def simulate_timeshared(trace: str | Path | Sequence[Arrival], device: DeviceProfile | str | Path,
                         models: Sequence[ModelProfile], ttft_slo_s: float, tpot_slo_s: float,
                         turns: TurnConfig = GPU_TURNS, kv_cache_bytes: int | None = None,
-                        drain_s: float = 300.0) -> FidelityResult:
+                        drain_s: float = 300.0, path_s: float = 0.0) -> FidelityResult:
     """Serve ``trace`` (a CSV path or arrivals) with ``models`` all time-shared
     on one engine on ``device`` (a profile, or a profile file), the first
-    model's weights resident at the start, every request scored."""
+    model's weights resident at the start, every request scored.
+
+    ``path_s`` is the time a request spends outside the engine before its
+    first token reaches the client (front door in, first token out; measured
+    live, ``cluster/bench/fidelity.py``). The simulator has no front door, so
+    each request reaches the engine ``path_s`` after it was sent and its
+    TTFT counts from when it was sent: the whole path is charged on the way
+    in (the two halves are not measured apart)."""
     if not isinstance(device, DeviceProfile):
         device = load_device_file(device)
     arrivals = read_csv(trace) if isinstance(trace, (str, Path)) else tuple(trace)
     sim, engine = timeshared_device(device, models, ttft_slo_s, tpot_slo_s, turns,
                                     kv_cache_bytes)
-    results = sim.run(arrivals, (arrivals[-1].time_s if arrivals else 0.0) + drain_s,
+    reaching = tuple(replace(a, time_s=a.time_s + path_s) for a in arrivals)
+    results = sim.run(reaching, (reaching[-1].time_s if reaching else 0.0) + drain_s,
                       place=False)
+    outcomes = tuple(_sent_at(o, a.time_s, ttft_slo_s, tpot_slo_s)
+                     for o, a in zip(results.outcomes(), arrivals)) if path_s else \
+        tuple(results.outcomes())
+    summary = results.summary()
+    if path_s:
+        summary["slo_attainment"] = round(sum(o.met_slo for o in outcomes) / len(outcomes), 5) \
+            if outcomes else None
+        summary["path_s"] = path_s  # the TTFT percentiles above are the engine's alone
     totals = engine.machine.totals
-    return FidelityResult(tuple(results.outcomes()), results.summary(), totals.switches,
-                          totals.preemptions)
+    return FidelityResult(outcomes, summary, totals.switches, totals.preemptions)
+
+
+def _sent_at(o: RequestOutcome, sent_s: float, ttft_slo_s: float,
+             tpot_slo_s: float) -> RequestOutcome:
+    """``o`` with its TTFT counted from when the client sent it."""
+    if o.ttft_s is None:
+        return replace(o, arrived_s=sent_s)
+    ttft = o.ttft_s + (o.arrived_s - sent_s)
+    met = o.finished and ttft <= ttft_slo_s + 1e-9 and (o.tpot_s or 0.0) <= tpot_slo_s + 1e-9
+    return replace(o, arrived_s=sent_s, ttft_s=ttft, met_slo=met)
+
+
+def served_profile(device: DeviceProfile, step_s_by_batch: dict[int, float]) -> DeviceProfile:
+    """``device``'s measured profile with the decode step as requests see it
+    through the front door (``step_s_by_batch``, measured live on the idle
+    device) in place of the engine's own. On a 2-core machine the front
+    door's processes (Serve proxy, router, worker relaying every token) run
+    beside the engine and slow each step; the engine-alone figure
+    (``shoal profile``) does not see them."""
+    if device.measured is None:
+        raise ValueError(f"device {device.name!r} has no measured profile")
+    measured = replace(device.measured, decode_step_s_by_batch=dict(step_s_by_batch),
+                       notes={**device.measured.notes,
+                              "engine_decode_step_s_by_batch":
+                                  device.measured.decode_step_s_by_batch})
+    return replace(device, name=f"{device.name}-served", measured=measured)
+
+
+def path_latency_s(device: DeviceProfile, idle_ttft_s: float, prompt_tokens: int) -> float:
+    """The path's share of an idle request's TTFT: the measured TTFT less
+    the engine's prefill of its prompt (the profile's fit), at least 0."""
+    if device.measured is None:
+        raise ValueError(f"device {device.name!r} has no measured profile")
+    m = device.measured
+    return max(0.0, idle_ttft_s - (m.prefill_fixed_s + m.prefill_per_token_s * prompt_tokens))
 
 
 def timeshared_device(device: DeviceProfile, models: Sequence[ModelProfile], ttft_slo_s: float,
