@@ -157,8 +157,8 @@ async def _run(url: str, worker, names: list[str], trace: list[dict],
     summary = timeshare._row(done, deltas, wall, slo) if done else {"requests": 0}
     summary["switches"], summary["preemptions"] = int(deltas["switches"]), \
         int(deltas["preemptions"])
-    return LiveRun(tuple(lat), slo, step, turns, idle_ttft, served, model, timeshare.KV_BYTES, summary,
-                   tuple(e for _, e in kept if e))
+    return LiveRun(tuple(lat), slo, step, turns, idle_ttft, served, model, timeshare.KV_BYTES,
+                   summary, tuple(e for _, e in kept if e))
 
 
 def run_live(models_dir: str, names: list[str], trace: list[dict], port: int = 8014) -> LiveRun:
