@@ -163,12 +163,8 @@ async def _run(url: str, worker, names: list[str], trace: list[dict],
 
 def run_live(models_dir: str, names: list[str], trace: list[dict], port: int = 8014) -> LiveRun:
     """Start the app (``bench timeshare``'s catalog over ``names``), replay ``trace``."""
-    import ray
-
-    from cluster.control.fleet import NAMESPACE, worker_actor_name
-
     catalog, _ = timeshare._catalog(models_dir, names)
     model = model_profile(models_dir, names[0])
     with servers.ray_serve(port), servers.shoal(catalog, port) as url:
-        worker = ray.get_actor(worker_actor_name(timeshare.DEVICE), namespace=NAMESPACE)
+        worker = timeshare.device_worker()
         return asyncio.run(_run(url, worker, names, trace, model))

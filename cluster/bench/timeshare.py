@@ -377,6 +377,24 @@ def _plot(out: dict, path: str) -> str:
     return str(path)
 
 
+def device_worker(timeout_s: float = 120.0):
+    """The bench device's worker actor. The app is ready before the
+    controller has necessarily created it (seen once: the lookup right after
+    start failed), so wait for it."""
+    import ray
+
+    from cluster.control.fleet import NAMESPACE, worker_actor_name
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get_actor(worker_actor_name(DEVICE), namespace=NAMESPACE)
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def run_timeshare_bench(models_dir: str, rates: list[float], requests: int = 40,
                         seed: int = 0, plot: str | None = "timeshare.png",
                         repeats: int = 2, bracket: bool = True, port: int = 8013,
@@ -390,12 +408,8 @@ def run_timeshare_bench(models_dir: str, rates: list[float], requests: int = 40,
         raise ValueError(f"output max must be in [8, {MAX_MODEL_LEN - 100}], got {output[2]}")
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    import ray
-
-    from cluster.control.fleet import NAMESPACE, worker_actor_name
-
     catalog, footprint = _catalog(models_dir)
     with servers.ray_serve(port), servers.shoal(catalog, port) as url:
-        worker = ray.get_actor(worker_actor_name(DEVICE), namespace=NAMESPACE)
+        worker = device_worker()
         return asyncio.run(_bench(url, worker, catalog, footprint, rates, requests, seed, plot,
                                   tuple(disciplines), output, repeats, bracket))
