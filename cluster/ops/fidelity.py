@@ -23,6 +23,7 @@ engine's profile alone is compared too (``engine_profile_alone``).
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from cluster.bench import fidelity as live_half
@@ -57,8 +58,15 @@ def run_fidelity(args) -> dict:
     models = [alias(live.model, n) for n in names]
 
     def simulated(profile, path_s: float):
+        # The live turn machine has measured the step before the replay (the
+        # placement, the step and path measurements ran on it); a fresh
+        # simulated one has not, and with a TPOT SLO under ~23 ms its 20 ms
+        # default_step_s admits nothing (README "Simulator", the admission
+        # rule). It starts from the profile's step at batch 1 instead.
+        step = min(profile.measured.decode_step_s_by_batch.items())[1]
+        turns = replace(live.turns, default_step_s=step)
         return sim_half.simulate_timeshared(
-            trace_path, profile, models, live.slo.ttft_s, live.slo.tpot_s, turns=live.turns,
+            trace_path, profile, models, live.slo.ttft_s, live.slo.tpot_s, turns=turns,
             kv_cache_bytes=live.kv_cache_bytes, path_s=path_s)
 
     # The headline: the engine's profile plus the serving path as measured
