@@ -221,12 +221,26 @@ async def _measure_step(door: FrontDoor, batch: int = STEP_BATCH, runs: int = 3)
     return min(per_run[1:])
 
 
-def _catalog(models_dir: str) -> tuple[dict, int]:
-    """Eight same-family models, one time-sharing CPU device that holds one
-    model's footprint; the footprint."""
-    paths = make_test_models(models_dir, MODELS)
+def scaled_slo(step_s: float) -> tuple[SLO, float]:
+    """Aegaeon's SLOs scaled by this machine's measured decode step: (SLO, scale)."""
+    scale = step_s / AEGAEON_STEP_S
+    return SLO(ttft_s=AEGAEON_SLO["ttft_s"] * scale, tpot_s=AEGAEON_SLO["tpot_s"] * scale), scale
+
+
+def timeshare_settings(discipline: str, scale: float) -> TimeshareConfig:
+    """The device's turn knobs under ``discipline``: the catalog defaults,
+    Aegaeon's round bound scaled like its SLOs (same units)."""
+    max_round_s = TimeshareConfig().max_round_s * scale
+    return TimeshareConfig(discipline=discipline, max_round_s=max_round_s,
+                           min_quota_s=min(TimeshareConfig().min_quota_s, max_round_s))
+
+
+def _catalog(models_dir: str, names: list[str] = MODELS) -> tuple[dict, int]:
+    """Same-family models (``names``), one time-sharing CPU device that holds
+    one model's footprint; the footprint."""
+    paths = make_test_models(models_dir, names)
     models = [{"name": m, "path": str(paths[m].resolve()), "family": "tiny-llama",
-               "max_model_len": MAX_MODEL_LEN, "kv_cache_bytes": KV_BYTES} for m in MODELS]
+               "max_model_len": MAX_MODEL_LEN, "kv_cache_bytes": KV_BYTES} for m in names]
     footprint = ModelSpec(**models[0]).resolved().weights_bytes + KV_BYTES
     return {"models": models,
             "cpu_devices": [{"id": DEVICE, "memory_bytes": footprint + 2**20,
@@ -234,11 +248,11 @@ def _catalog(models_dir: str) -> tuple[dict, int]:
             "controller": {"policy_config": STILL_POLICY}}, footprint
 
 
-async def _place(door: FrontDoor) -> float:
+async def _place(door: FrontDoor, names: list[str] = MODELS) -> float:
     """One request per model, in turn: the first starts the device's engine,
     the others join it. Seconds it took."""
     t = time.monotonic()
-    for i, m in enumerate(MODELS):
+    for i, m in enumerate(names):
         await _one(door, {"at": 0.0, "model": m, "max_tokens": 2, "id": f"place{i}",
                           "prompt_token_ids": [16 + i, 17, 18, 19]}, time.monotonic())
     return time.monotonic() - t
@@ -289,8 +303,7 @@ async def _bench(url: str, worker, catalog: dict, footprint: int, rates: list[fl
     first = catalog["models"][0]["path"]
     vocab = json.loads((Path(first) / "config.json").read_text())["vocab_size"]
     step = await _measure_step(door)
-    scale = step / AEGAEON_STEP_S
-    slo = SLO(ttft_s=AEGAEON_SLO["ttft_s"] * scale, tpot_s=AEGAEON_SLO["tpot_s"] * scale)
+    slo, scale = scaled_slo(step)
     for m in MODELS:
         await worker.set_slo.remote(m, slo.model_dump())
     print(f"[timeshare] measured step {step * 1e3:.2f} ms at batch {STEP_BATCH}: "
@@ -314,9 +327,7 @@ async def _bench(url: str, worker, catalog: dict, footprint: int, rates: list[fl
                                              "sigma": output[1], "min": 8, "max": output[2]},
                            "prompt_tokens": "16-96"}}
     for disc in disciplines:
-        await worker.set_timeshare.remote({
-            "discipline": disc, "max_round_s": max_round_s,
-            "min_quota_s": min(TimeshareConfig().min_quota_s, max_round_s)})
+        await worker.set_timeshare.remote(timeshare_settings(disc, scale).model_dump())
         out[disc] = await _sweep(door, disc, rates, bracket,
                                  lambda rate: _measure(door, rate, requests, seeds, vocab,
                                                        output, slo), len(seeds))
@@ -367,6 +378,24 @@ def _plot(out: dict, path: str) -> str:
     return str(path)
 
 
+def device_worker(timeout_s: float = 120.0):
+    """The bench device's worker actor. The app is ready before the
+    controller has necessarily created it (seen once: the lookup right after
+    start failed), so wait for it."""
+    import ray
+
+    from cluster.control.fleet import NAMESPACE, worker_actor_name
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get_actor(worker_actor_name(DEVICE), namespace=NAMESPACE)
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def run_timeshare_bench(models_dir: str, rates: list[float], requests: int = 40,
                         seed: int = 0, plot: str | None = "timeshare.png",
                         repeats: int = 2, bracket: bool = True, port: int = 8013,
@@ -380,12 +409,8 @@ def run_timeshare_bench(models_dir: str, rates: list[float], requests: int = 40,
         raise ValueError(f"output max must be in [8, {MAX_MODEL_LEN - 100}], got {output[2]}")
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    import ray
-
-    from cluster.control.fleet import NAMESPACE, worker_actor_name
-
     catalog, footprint = _catalog(models_dir)
     with servers.ray_serve(port), servers.shoal(catalog, port) as url:
-        worker = ray.get_actor(worker_actor_name(DEVICE), namespace=NAMESPACE)
+        worker = device_worker()
         return asyncio.run(_bench(url, worker, catalog, footprint, rates, requests, seed, plot,
                                   tuple(disciplines), output, repeats, bracket))

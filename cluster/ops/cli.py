@@ -87,7 +87,9 @@ def _run_bench(args) -> dict:
 def _simulate(args) -> int:
     from cluster.ops.simulate import run_simulate
 
-    result = run_simulate(args)
+    # The fidelity run starts Ray and vLLM, whose logs would reach stdout.
+    with _stdout_to_stderr() if args.fidelity else contextlib.nullcontext():
+        result = run_simulate(args)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
@@ -199,7 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--scenario", choices=["aegaeon", "mixed-pool"],
                      help="a named scenario (else: the scale run, or --trace)")
     sim.add_argument("--json", action="store_true", help="one line of JSON")
-    sim.add_argument("--models", type=int, default=1000, help="scale run: models")
+    sim.add_argument("--models", type=int, default=None,
+                     help="scale run: models (1000); --fidelity: time-shared models (4)")
+    sim.add_argument("--fidelity", action="store_true",
+                     help="one seeded trace live (front door, time-shared CPU device) and "
+                          "simulated on the measured profile; prints the relative errors")
+    sim.add_argument("--requests", type=int, default=40, help="--fidelity: trace requests")
+    sim.add_argument("--profile", default=None,
+                     help="--fidelity: device profile file (default: .shoal/profiles/cpu.json "
+                          "if present, else measured now)")
+    sim.add_argument("--models-dir", default=".shoal/models", help="--fidelity: tiny models")
     sim.add_argument("--duration-s", type=float, default=None,
                      help="simulated seconds scored (scale: 3600; scenarios: 600)")
     sim.add_argument("--seed", type=int, default=0)

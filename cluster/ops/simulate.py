@@ -21,7 +21,11 @@ from cluster.sim.workload import read_csv
 def run_simulate(args) -> dict:
     bar = None if args.no_progress else tqdm(file=sys.stderr, unit="run", dynamic_ncols=True)
     try:
-        if args.scenario == "aegaeon":
+        if getattr(args, "fidelity", False):
+            from cluster.ops.fidelity import run_fidelity
+
+            out = run_fidelity(args)
+        elif args.scenario == "aegaeon":
             out = scenarios.aegaeon(args.duration_s or 600.0, args.seed, systems=args.systems,
                                     progress=_step(bar))
             if args.plots:
@@ -37,8 +41,8 @@ def run_simulate(args) -> dict:
             if bar is not None:
                 bar.reset(total=round(duration))
                 bar.unit = "simulated s"
-            out = scenarios.scale(args.models, duration, args.seed, args.total_rate, args.alpha,
-                                  args.devices, progress=_clock(bar))
+            out = scenarios.scale(args.models or 1000, duration, args.seed, args.total_rate,
+                                  args.alpha, args.devices, progress=_clock(bar))
     finally:
         if bar is not None:
             bar.close()
