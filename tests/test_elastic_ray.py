@@ -68,7 +68,10 @@ def elastic(tiny_models):
         policy={"hot_rate": 1.0, "cold_rate": 0.5, "replica_rps": 2.0, "scale_in_util": 0.9,
                 "idle_unload_s": 3600},
         capacity={"shrink_delay_s": 3, "release_idle_s": 1, "min_node_lifetime_s": 5},
-        controller={"demand_half_life_s": 2.0})
+        # 1 s: the lull's rate falls under one replica's 1.8 req/s within
+        # ~0.7 s, well inside the 2,000-token streams even on a fast machine
+        # (at 2 s the streams, ~4 s long there, sometimes ended first).
+        controller={"demand_half_life_s": 1.0})
     cluster = FakeAutoscalingCluster(overrides={"idle_timeout_minutes": 0.1})
     path = Path(cluster.temp_dir) / "catalog.json"
     path.write_text(json.dumps(catalog))
@@ -183,7 +186,7 @@ def test_a_burst_beyond_one_replica_adds_a_node_and_a_replica(elastic):
 def test_a_lull_scales_a_replica_in_mid_stream_and_its_node_is_removed(elastic):
     """The burst stops and two long greedy streams start, one on each
     replica. The rate falls under what one replica serves within seconds
-    (half-life 2 s): the policy scales one replica in while its stream runs.
+    (half-life 1 s): the policy scales one replica in while its stream runs.
     That stream moves to the other replica and completes with the text of
     an uninterrupted run; the emptied device is released, the request
     shrinks, Ray removes the node."""
