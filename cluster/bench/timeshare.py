@@ -104,7 +104,7 @@ class FrontDoor:
 
 
 async def _one(door: FrontDoor, req: dict, t0: float) -> dict:
-    """One streamed completion: TTFT to the first text, TPOT over the rest
+    """One streamed completion: TTFT to the first token, TPOT over the rest
     of the tokens (usage counts them: one chunk may carry several)."""
     await asyncio.sleep(max(0.0, t0 + req["at"] - time.monotonic()))
     sent = time.monotonic()
@@ -115,7 +115,10 @@ async def _one(door: FrontDoor, req: dict, t0: float) -> dict:
         temperature=0.0, stream=True, stream_options={"include_usage": True},
         extra_body={"ignore_eos": True})
     async for chunk in stream:
-        if chunk.choices and chunk.choices[0].text:
+        # Tokens arrived, whether or not they decode to text yet: the tiny
+        # model's first token often makes none, and stamping the first chunk
+        # with text put TTFT a relay window late and shrank TPOT to nothing.
+        if chunk.choices:
             last = time.monotonic()
             first = first or last
         if chunk.usage is not None:
