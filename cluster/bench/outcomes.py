@@ -20,6 +20,7 @@ A request ends in exactly one ``Ending``:
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 import math
 from dataclasses import dataclass
 
@@ -141,15 +142,22 @@ def sustains(row: dict, goal: float) -> bool:
         row["slo_attainment"] >= goal
 
 
-def sustainable_rate(rows: list[dict], goal: float) -> float | None:
-    """The highest rate such that it and every lower measured rate are
-    sustained; None when even the lowest is not (undefined, not 0)."""
+def highest_sustained(rows: list[dict], ok: Callable[[dict], bool]) -> float | None:
+    """The highest ``rate`` such that its row and every lower rate's are
+    ``ok``; None when even the lowest is not (undefined, not 0). Shared by
+    ``bench load`` and ``bench timeshare``."""
     best = None
     for row in sorted(rows, key=lambda r: r["rate"]):
-        if not sustains(row, goal):
+        if not ok(row):
             break
         best = row["rate"]
     return best
+
+
+def sustainable_rate(rows: list[dict], goal: float) -> float | None:
+    """The highest rate such that it and every lower measured rate are
+    sustained; None when even the lowest is not (undefined, not 0)."""
+    return highest_sustained(rows, lambda row: sustains(row, goal))
 
 
 def next_rate(rows: list[dict], goal: float, factor: float, past: float,

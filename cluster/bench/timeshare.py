@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 from cluster.bench import servers
+from cluster.bench.outcomes import highest_sustained
 from cluster.catalog import SLO, ModelSpec, TimeshareConfig
 from cluster.testing.tiny_models import make_test_models
 
@@ -196,13 +197,10 @@ def _goal(token: dict, request: dict) -> dict:
 
 
 def sustainable(by_rate: list[dict]) -> float:
-    """Highest rate such that it and every lower swept rate meet the goal."""
-    best = 0.0
-    for row in sorted(by_rate, key=lambda r: r["rate"]):
-        if row["slo_attainment"] < ATTAINMENT_GOAL:
-            break
-        best = row["rate"]
-    return best
+    """Highest rate such that it and every lower swept rate meet the goal;
+    0 when none does (``_goal`` reads 0 as undefined, never met)."""
+    return highest_sustained(
+        by_rate, lambda row: row["slo_attainment"] >= ATTAINMENT_GOAL) or 0.0
 
 
 async def _one_step(door: FrontDoor, seed: int) -> float:
